@@ -1,0 +1,17 @@
+"""fastops: fused Triton / CUDA C++ / CPU C++ kernels for vision models, registered as torch custom ops.
+
+Public ops (drop-in functions):
+    depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1)
+
+Modules: fastops.nn.DepthwiseConv2d. Model conversion: fastops.optimize(model).
+Backends and why each can or cannot run: ``python -m fastops info``.
+"""
+__version__ = "0.1.0"
+
+from . import _ext  # noqa: F401  (loads fastops._C if it can)
+from . import backends  # noqa: F401
+from .backends import BackendUnavailable, use_backend  # noqa: F401
+from .ops import depthwise_conv2d  # noqa: F401
+from . import nn  # noqa: F401
+from .optimize import optimize  # noqa: F401
+from .info import info  # noqa: F401

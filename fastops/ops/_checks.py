@@ -1,0 +1,43 @@
+"""Argument checks shared by the public ops. Every error names the argument and what was expected."""
+from typing import Sequence, Tuple
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(op: str, name: str, t, ndim: int = None, dtypes=FLOAT_DTYPES, shape_doc: str = "") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastops.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"fastops.{op}: {name} must be {ndim}-D {shape_doc}, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"fastops.{op}: {name} must have a floating dtype ({names}), got {t.dtype}")
+
+
+def same_device_dtype(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"fastops.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                         f"expected both on one device")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"fastops.{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; expected the same")
+
+
+def pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if (not isinstance(v, Sequence) or len(v) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+        raise TypeError(f"fastops.{op}: {name} must be an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"fastops.{op}: {name} must be >= {minimum}, got {tuple(v)}")
+    return int(v[0]), int(v[1])
+
+
+def autocast_inputs(device_type: str, *tensors):
+    """Under torch.autocast, run in the autocast dtype like conv2d does (parameters are usually fp32)."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
+    return tensors

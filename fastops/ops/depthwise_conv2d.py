@@ -1,0 +1,167 @@
+"""fastops.depthwise_conv2d: the public function, its backends, fake kernels and autograd."""
+from typing import Optional, Union
+
+import torch
+
+from .. import _ext, backends
+from .. import reference as _ref
+from .._layout import memory_format_of
+from . import _checks
+
+OP = "depthwise_conv2d"
+MAX_KERNEL = 31
+
+
+def output_hw(h, w, kh, kw, stride, padding, dilation):
+    top, left, bottom, right = padding
+    oh = (h + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+def _padding4(padding, kh, kw, stride, dilation):
+    """int / pair / "same" / "valid" -> [top, left, bottom, right] (PyTorch's "same": extra pad at the end)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0, 0, 0]
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"fastops.{OP}: padding='same' needs stride 1 (as in F.conv2d), got stride={stride}")
+            th, tw = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+            return [th // 2, tw // 2, th - th // 2, tw - tw // 2]
+        raise ValueError(f"fastops.{OP}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    ph, pw = _checks.pair(OP, "padding", padding, 0)
+    return [ph, pw, ph, pw]
+
+
+def depthwise_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride=1,
+    padding: Union[int, tuple, str] = 0,
+    dilation=1,
+) -> torch.Tensor:
+    r"""Depthwise 2-D convolution: ``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)``.
+
+    .. math::
+        y[n, c, i, j] = b[c] + \sum_{p<k_h,\,q<k_w} w[c, 0, p, q]\,
+                        x_{pad}[n, c,\; i s_h + p d_h,\; j s_w + q d_w]
+
+    Args:
+        x: (N, C, H, W), float16 / bfloat16 / float32 (float64 on CPU), NCHW or channels_last.
+        weight: (C, 1, kh, kw), kh, kw <= 31, same dtype and device as ``x``.
+        bias: (C,) or None.
+        stride, dilation: int or (h, w), >= 1.
+        padding: int, (h, w), ``"same"`` (stride 1; odd totals put the extra row/column at the end, as
+            PyTorch does) or ``"valid"``.
+
+    Returns:
+        (N, C, H_out, W_out) in the layout of ``x`` (channels_last in, channels_last out), with
+        ``H_out = (H + pad_top + pad_bottom - d_h (k_h - 1) - 1) // s_h + 1`` (likewise W_out).
+        Accumulation is in fp32 (fp64 for float64). Differentiable in x, weight and bias.
+    """
+    _checks.tensor(OP, "x", x, 4, shape_doc="(N, C, H, W)")
+    _checks.tensor(OP, "weight", weight, 4, shape_doc="(C, 1, kh, kw)")
+    if bias is not None:
+        _checks.tensor(OP, "bias", bias, 1, shape_doc="(C,)")
+    x, weight, bias = _checks.autocast_inputs(x.device.type, x, weight, bias)
+    C = x.shape[1]
+    if weight.shape[0] != C or weight.shape[1] != 1:
+        raise ValueError(f"fastops.{OP}: weight must have shape (C, 1, kh, kw) with C = {C} (x.shape[1]), "
+                         f"got {tuple(weight.shape)}")
+    kh, kw = weight.shape[2], weight.shape[3]
+    if not (1 <= kh <= MAX_KERNEL and 1 <= kw <= MAX_KERNEL):
+        raise ValueError(f"fastops.{OP}: weight kernel size must be within 1..{MAX_KERNEL}, got {kh}x{kw}")
+    _checks.same_device_dtype(OP, "x", x, "weight", weight)
+    if bias is not None:
+        if bias.shape[0] != C:
+            raise ValueError(f"fastops.{OP}: bias must have shape (C,) = ({C},), got {tuple(bias.shape)}")
+        _checks.same_device_dtype(OP, "x", x, "bias", bias)
+    stride = _checks.pair(OP, "stride", stride, 1)
+    dilation = _checks.pair(OP, "dilation", dilation, 1)
+    pad = _padding4(padding, kh, kw, stride, dilation)
+    eff_h, eff_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    if x.shape[2] + pad[0] + pad[2] < eff_h or x.shape[3] + pad[1] + pad[3] < eff_w:
+        raise ValueError(f"fastops.{OP}: the dilated kernel ({eff_h}x{eff_w}) is larger than the padded input "
+                         f"x ({x.shape[2] + pad[0] + pad[2]}x{x.shape[3] + pad[1] + pad[3]})")
+    stride, dilation = list(stride), list(dilation)
+    backend = backends.choose(OP, x.device, x, weight, bias)
+    if backend == "reference":
+        return _ref.depthwise_conv2d(x, weight, bias, stride, pad, dilation)
+    if backend == "triton":
+        return torch.ops.fastops.depthwise_conv2d_triton(x, weight, bias, stride, pad, dilation)
+    return torch.ops.fastops.depthwise_conv2d(x, weight, bias, stride, pad, dilation)
+
+
+# Backends ---------------------------------------------------------------------------------------
+
+def _can_cpp(backend):
+    def can_run(x, weight, bias):
+        why = backends.c_ext_reason(x.device, backend)
+        if why is None and backend == "cuda" and x.dtype == torch.float64:
+            return "float64 is not supported on CUDA (use float32/float16/bfloat16)"
+        return why
+    return can_run
+
+
+def _can_triton(x, weight, bias):
+    why = backends.triton_reason(x.device)
+    if why is None and x.dtype == torch.float64:
+        return "float64 is not supported by the Triton kernels"
+    return why
+
+
+backends.register(OP, "reference", lambda x, weight, bias: None)
+backends.register(OP, "cpu", _can_cpp("cpu"))
+backends.register(OP, "cuda", _can_cpp("cuda"))
+backends.register(OP, "triton", _can_triton)
+# No GPU timing has chosen between the two yet; the CUDA C++ kernel is tried first.
+backends.set_gpu_order(OP, ["cuda", "triton"])
+
+
+# Fake kernels and autograd (shared by the C++ op and the Triton op) -----------------------------
+
+def _fake_forward(x, weight, bias, stride, padding, dilation):
+    oh, ow = output_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
+    return torch.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=memory_format_of(x))
+
+
+def _fake_backward(grad_output, x, weight, stride, padding, dilation):
+    return (torch.empty_like(x, memory_format=memory_format_of(x)), torch.empty_like(weight),
+            weight.new_empty((weight.shape[0],)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conf = (stride, padding, dilation)
+    ctx.has_bias = bias is not None
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gi, gw, gb = backward_op(grad.contiguous(memory_format=memory_format_of(x)), x, weight, *ctx.conf)
+        return (gi if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
+                gb if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None, None)
+    return backward
+
+
+def _register(fwd_name, bwd_name):
+    torch.library.register_fake(f"fastops::{fwd_name}")(_fake_forward)
+    torch.library.register_fake(f"fastops::{bwd_name}")(_fake_backward)
+    bwd_op = getattr(torch.ops.fastops, bwd_name)
+    torch.library.register_autograd(f"fastops::{fwd_name}", _make_backward(bwd_op), setup_context=_setup_context)
+
+
+if _ext.C_LOADED:
+    _register("depthwise_conv2d", "depthwise_conv2d_backward")
+
+from ..triton import TRITON_ERROR  # noqa: E402
+
+if TRITON_ERROR is None:
+    from ..triton import depthwise_conv2d as _triton_dw  # noqa: F401,E402  (defines the Triton custom ops)
+
+    _register("depthwise_conv2d_triton", "depthwise_conv2d_backward_triton")

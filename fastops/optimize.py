@@ -1,0 +1,24 @@
+"""fastops.optimize(model): swap supported modules for their fastops drop-ins, in place."""
+import torch.nn as nn
+
+from .nn import DepthwiseConv2d
+
+# (predicate, converter) pairs; each op's issue adds its own module here.
+_SWAPS = [
+    (DepthwiseConv2d.is_convertible, DepthwiseConv2d.from_conv),
+]
+
+
+def optimize(model: nn.Module) -> nn.Module:
+    """Replace every supported submodule of ``model`` with its fastops module, sharing parameters.
+
+    Today: every depthwise ``nn.Conv2d`` (groups == in == out channels, zero padding) becomes
+    :class:`fastops.nn.DepthwiseConv2d`. Outputs are unchanged up to floating-point rounding. The model
+    is modified in place and returned; ``model`` itself is converted too if it is such a module.
+    """
+    for pred, convert in _SWAPS:
+        if pred(model):
+            return convert(model)
+    for name, child in list(model.named_children()):
+        setattr(model, name, optimize(child))
+    return model

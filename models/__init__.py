@@ -1,0 +1,23 @@
+"""fastops.models: model definitions (timm names and state_dict keys) that call fastops ops.
+
+``create_model(name, fused=True, **kwargs)`` builds a registered model; ``fused=False`` runs the
+reference ops. Models register themselves with :func:`register_model`.
+"""
+from typing import Callable, Dict, List
+
+_MODELS: Dict[str, Callable] = {}
+
+
+def register_model(fn: Callable) -> Callable:
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> List[str]:
+    return sorted(_MODELS)
+
+
+def create_model(name: str, fused: bool = True, **kwargs):
+    if name not in _MODELS:
+        raise ValueError(f"fastops.models.create_model: unknown model {name!r}; available: {list_models()}")
+    return _MODELS[name](fused=fused, **kwargs)
