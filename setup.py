@@ -109,7 +109,7 @@ def _extensions():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         include_dirs += _pip_cuda_include()
         defines.append(("FASTOPS_WITH_CUDA", "1"))
-    defines.append(("FASTOPS_CUDA_ARCHS", '"' + archs + '"'))
+    defines.append(("FASTOPS_CUDA_ARCHS", '"' + archs.replace(";", " ") + '"'))
     print("fastops build configuration:")
     print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
     print(f"  CPU sources: {len([s for s in sources if not s.endswith('.cu')])}, flags: {' '.join(cxx)}")

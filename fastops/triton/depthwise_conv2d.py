@@ -186,8 +186,9 @@ def _launch_backward(grad_output, x, weight, stride, padding, dilation):
         _dw_bwd_input_kernel[grid](grad_output, w, gi, C, H, W, OH, OW, KH, KW, *geom,
                                    *grad_output.stride(), *gi.stride(), BLOCK_P=BP, BLOCK_C=BC)
     M = N * OH * OW
-    # Enough splits to fill the machine, each a whole number of BP-blocks.
-    splits = max(1, min(triton.cdiv(M, BP), 64))
+    # Enough splits to fill a GPU, each a whole number of BP-blocks; the interpreter runs programs one
+    # by one, so there a few splits (still exercising the split path) are much faster.
+    splits = max(1, min(triton.cdiv(M, BP), 64 if x.is_cuda else 4))
     chunk = triton.cdiv(triton.cdiv(M, splits), BP) * BP
     splits = max(1, triton.cdiv(M, chunk))
     part = torch.empty((splits, KH * KW + 1, C), dtype=torch.float32, device=x.device)
@@ -225,3 +226,29 @@ def depthwise_conv2d_backward_triton(grad_output: torch.Tensor, x: torch.Tensor,
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with _device_guard(x):
         return _launch_backward(grad_output, x, weight, stride, padding, dilation)
+
+
+def aot_specs(dtype: str = "fp16"):
+    """(kernel, signature, constexprs) for every kernel variant the launchers can request, with pointer
+    element type `dtype`; tests compile each ahead of time for sm_80 / sm_90."""
+    specs = []
+    for cl, C in ((False, 37), (True, 37), (True, 144)):
+        bp, bc = _tiles(cl, C)
+        for has_bias in (False, True):
+            specs.append((_dw_fwd_kernel, {"HAS_BIAS": has_bias, "BLOCK_P": bp, "BLOCK_C": bc}))
+        specs.append((_dw_bwd_input_kernel, {"BLOCK_P": bp, "BLOCK_C": bc}))
+        specs.append((_dw_bwd_weight_kernel, {"BLOCK_P": bp, "BLOCK_C": bc}))
+    out = []
+    for kernel, constexprs in specs:
+        sig = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name == "part_ptr":
+                sig[name] = "*fp32"
+            elif name.endswith("_ptr"):
+                sig[name] = "*" + dtype
+            else:
+                sig[name] = "i32"
+        out.append((kernel, sig, constexprs))
+    return out

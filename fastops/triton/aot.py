@@ -1,0 +1,55 @@
+"""Compile every fastops Triton kernel ahead of time for given GPU targets, without a GPU.
+
+    python -m fastops.triton.aot 80 90      # prints one JSON line per (kernel variant, arch)
+
+Each kernel module lists its launch variants in ``aot_specs(dtype)``. Must run with TRITON_INTERPRET
+unset: the interpreter replaces the language functions the compiler needs.
+"""
+import importlib
+import json
+import pkgutil
+import sys
+import time
+
+
+def specs():
+    import fastops.triton as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"fastops.triton.{info.name}")
+        if not hasattr(mod, "aot_specs"):
+            continue
+        # fp16 for every variant; bf16 and fp32 for the first two (the element type changes only loads/stores)
+        for dtype in ("fp16", "bf16", "fp32"):
+            variants = mod.aot_specs(dtype)
+            for i, (kernel, sig, constexprs) in enumerate(variants if dtype == "fp16" else variants[:2]):
+                cid = "-".join(f"{k}{v}" for k, v in constexprs.items())
+                yield f"{info.name}.{kernel.__name__}-{dtype}-{cid}-{i}", kernel, sig, constexprs
+
+
+def compile_one(kernel, sig, constexprs, cc):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    t0 = time.time()
+    k = triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", cc, 32))
+    ptx = k.asm["ptx"]
+    return {"cubin_bytes": len(k.asm["cubin"]), "target_ok": f".target sm_{cc}" in ptx,
+            "shared": k.metadata.shared, "num_warps": k.metadata.num_warps,
+            "mma": "mma.sync" in ptx or "wgmma" in ptx, "seconds": round(time.time() - t0, 2)}
+
+
+def main(argv):
+    archs = [int(a) for a in argv] or [80, 90]
+    for name, kernel, sig, constexprs in specs():
+        for cc in archs:
+            try:
+                res = compile_one(kernel, sig, constexprs, cc)
+            except Exception as e:  # reported per variant; the caller decides
+                res = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            print(json.dumps({"name": name, "cc": cc, **res}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,76 @@
+"""Helpers shared by the op tests: error metric, tolerances, layouts, backends."""
+import os
+
+import pytest
+import torch
+
+import fastops
+from fastops import backends
+
+# Relative error ||out - ref|| / ||ref|| allowed per dtype (DESIGN.md).
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+LAYOUTS = ("contiguous", "channels_last", "strided")
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 error; NaN/inf anywhere in `out` fails (returns inf)."""
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close(out, ref, dtype, what="output", tol=None):
+    tol = TOL[dtype] if tol is None else tol
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+def make_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """Same values in another memory layout: contiguous NCHW, channels_last, or a non-contiguous view."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other column of a wider tensor
+        big = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        big[..., ::2] = t
+        big[..., 1::2] = float("nan")  # must never be read
+        view = big[..., ::2]
+        assert not view.is_contiguous()
+        return view
+    raise ValueError(layout)
+
+
+def poison_allocator(numel: int, device="cpu"):
+    """Fill and free memory the kernels' outputs are likely to reuse, so a missed write shows as NaN."""
+    for dtype in (torch.float32, torch.float16):
+        blocks = [torch.full((numel + 64,), float("nan"), dtype=dtype, device=device) for _ in range(4)]
+        del blocks
+
+
+def backend_params(op: str):
+    """pytest params for every kernel backend; each is skipped, with the registry's reason, when it cannot
+    run here (cpu/triton run on CPU tensors; cuda and triton-on-GPU run on CUDA tensors)."""
+    params = [pytest.param(("cpu", "cpu"), id="cpu"),
+              pytest.param(("triton", "cpu"), id="triton-interpret",
+                           marks=pytest.mark.skipif(not INTERPRET, reason="interpreter off (GPU present)")),
+              pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
+              pytest.param(("triton", "cuda"), id="triton-gpu", marks=[pytest.mark.gpu]),
+              ]
+    return params
+
+
+def skip_unless_runnable(op: str, backend: str, *args):
+    why = backends.reasons(op, *args)[backend]
+    if why is not None:
+        pytest.skip(f"{backend}: {why}")
+
+
+__all__ = ["fastops", "TOL", "LAYOUTS", "rel_err", "assert_close", "make_layout", "poison_allocator",
+           "backend_params", "skip_unless_runnable", "HAS_CUDA", "INTERPRET"]
