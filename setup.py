@@ -96,7 +96,9 @@ def _extensions():
     native = os.environ.get("FASTOPS_NATIVE", "1") == "1"
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-fopenmp-simd"]
+    # -fopenmp: at::parallel_for is OpenMP inside the headers, so without it the kernels run on one
+    # thread. The extension then needs libgomp.so.1, which resolves to the copy torch already loaded.
+    cxx += ["-fopenmp"]
     if native:
         cxx.append("-march=native")
     with_cuda, cuda_why = _cuda_wanted(torch)
@@ -121,6 +123,7 @@ def _extensions():
         sources=sources,
         include_dirs=include_dirs,
         define_macros=defines,
+        extra_link_args=["-fopenmp"],
     )
     if with_cuda:
         nvcc = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["--use_fast_math", "-lineinfo"]

@@ -15,37 +15,107 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/simd.h"
 
 namespace fastops {
 namespace {
 
-constexpr int64_t kTile = 32;  // outputs (NCHW) or channels (NHWC) per register tile
+constexpr int64_t kTile = 32;   // the widest register tile, in elements (4 AVX2 fp32 vectors)
+constexpr int64_t kTileRows = 4;  // the most output rows one NCHW tile covers (for narrow planes)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The phase-split, zero-padded copy of one plane (see the file comment).
+// The phase-split, zero-padded copy of one plane (see the file comment). It is larger than the padded
+// plane so that the last tile may run past OW / OH: its extra lanes read zeros and are discarded.
 struct PhasePlane {
   int64_t S, Hp, Wq;
-  PhasePlane(const Conv2dGeom& g) : S(g.SW), Hp(g.H + g.PT + g.PB) {
+  PhasePlane(const Conv2dGeom& g) : S(g.SW) {
     const int64_t Wp = g.W + g.PL + g.PR;
-    // Room for the last output tile to run past OW (its extra lanes are computed and discarded).
     Wq = std::max(ceil_div(Wp, S), (g.DW * (g.KW - 1)) / S + ceil_div(g.OW, kTile) * kTile);
+    Hp = std::max(g.H + g.PT + g.PB, (ceil_div(g.OH, kTileRows) * kTileRows - 1) * g.SH + g.DH * (g.KH - 1) + 1);
   }
   int64_t size() const { return S * Hp * Wq; }
   // Offset of padded position (row, col) in the buffer.
   int64_t at(int64_t row, int64_t col) const { return ((col % S) * Hp + row) * Wq + col / S; }
+  // Offset of every tap (kh, kw) relative to output (0, 0); output (oh, ow) adds oh*SH*Wq + ow, so the
+  // hot loops do no division.
+  std::vector<int64_t> tap_offsets(const Conv2dGeom& g) const {
+    std::vector<int64_t> off(g.KH * g.KW);
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      for (int64_t kw = 0; kw < g.KW; ++kw) off[kh * g.KW + kw] = at(kh * g.DH, kw * g.DW);
+    return off;
+  }
 };
 
+// Copies one input plane into the buffer's interior; col_off[i] is the buffer offset of input column i
+// in row 0 (precomputed: the phase split needs a division per column).
 template <typename scalar_t, typename acc_t>
-void fill_phase_plane(const PhasePlane& pp, const Conv2dGeom& g, const scalar_t* src, acc_t* buf) {
+void fill_phase_plane(const PhasePlane& pp, const Conv2dGeom& g, const int64_t* col_off,
+                      const scalar_t* __restrict__ src, acc_t* __restrict__ buf) {
   for (int64_t r = 0; r < g.H; ++r) {
-    const scalar_t* s = src + r * g.W;
+    const scalar_t* __restrict__ s = src + r * g.W;
+    acc_t* __restrict__ d = buf + (r + g.PT) * pp.Wq;
     if (pp.S == 1) {
-      acc_t* d = buf + pp.at(r + g.PT, g.PL);
-#pragma omp simd
+      d += col_off[0];
       for (int64_t i = 0; i < g.W; ++i) d[i] = static_cast<acc_t>(s[i]);
     } else {
-      for (int64_t i = 0; i < g.W; ++i) buf[pp.at(r + g.PT, i + g.PL)] = static_cast<acc_t>(s[i]);
+      for (int64_t i = 0; i < g.W; ++i) d[col_off[i]] = static_cast<acc_t>(s[i]);
+    }
+  }
+}
+
+inline std::vector<int64_t> phase_col_offsets(const PhasePlane& pp, const Conv2dGeom& g) {
+  std::vector<int64_t> off(std::max<int64_t>(g.W, 1));
+  for (int64_t i = 0; i < g.W; ++i) off[i] = pp.at(0, i + g.PL);
+  return off;
+}
+
+// Hardware prefetchers stop at page boundaries and know nothing of the next plane; asking for the next
+// plane a slice at a time while this one is computed overlaps its memory reads with arithmetic.
+inline void prefetch_slice(const char* p, int64_t bytes, int64_t slice, int64_t nslices) {
+  if (!p) return;
+  const int64_t lines = (bytes + 63) / 64, per = (lines + nslices - 1) / nslices;
+  for (int64_t l = slice * per; l < std::min(lines, (slice + 1) * per); ++l) __builtin_prefetch(p + l * 64, 0, 3);
+}
+
+// R output rows x NV vectors of one NCHW plane, accumulated in R*NV registers over all taps; written to
+// `out` (R rows of NV*N values, row pitch NV*N).
+template <int R, int NV, typename acc_t>
+inline void plane_tile(const acc_t* base, int64_t row_stride, const int64_t* taps, const acc_t* wc, int64_t KK,
+                       acc_t bias, acc_t* out) {
+  using Vec = simd::Vec<acc_t>;
+  using V = typename Vec::V;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = Vec::splat(bias);
+  for (int64_t k = 0; k < KK; ++k) {
+    const V wv = Vec::splat(wc[k]);
+    const acc_t* s = base + taps[k];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NV; ++j) acc[r][j] += wv * Vec::load(s + r * row_stride + j * Vec::N);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) Vec::store(out + (r * NV + j) * Vec::N, acc[r][j]);
+}
+
+template <int R, int NV, typename scalar_t, typename acc_t>
+void forward_plane(const PhasePlane& pp, const Conv2dGeom& g, const acc_t* buf, const int64_t* taps,
+                   const acc_t* wc, acc_t bias, scalar_t* yplane, const char* next, int64_t next_bytes) {
+  constexpr int64_t TW = NV * simd::Vec<acc_t>::N;
+  const int64_t row_stride = g.SH * pp.Wq;
+  const int64_t KK = g.KH * g.KW;
+  const int64_t ntiles = ceil_div(g.OH, R);
+  acc_t tmp[R * TW];
+  for (int64_t oh0 = 0; oh0 < g.OH; oh0 += R) {
+    prefetch_slice(next, next_bytes, oh0 / R, ntiles);
+    const int64_t nr = std::min<int64_t>(R, g.OH - oh0);
+    for (int64_t ow0 = 0; ow0 < g.OW; ow0 += TW) {
+      plane_tile<R, NV>(buf + oh0 * row_stride + ow0, row_stride, taps, wc, KK, bias, tmp);
+      const int64_t nc = std::min(TW, g.OW - ow0);
+      for (int64_t r = 0; r < nr; ++r) {
+        scalar_t* d = yplane + (oh0 + r) * g.OW + ow0;
+        for (int64_t i = 0; i < nc; ++i) d[i] = static_cast<scalar_t>(tmp[r * TW + i]);
+      }
     }
   }
 }
@@ -53,6 +123,7 @@ void fill_phase_plane(const PhasePlane& pp, const Conv2dGeom& g, const scalar_t*
 template <typename scalar_t>
 void forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b, at::Tensor& y, const Conv2dGeom& g) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Vec = simd::Vec<acc_t>;
   const at::Tensor wf = w.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
   const acc_t* wp = wf.data_ptr<acc_t>();
   at::Tensor bf;
@@ -62,49 +133,101 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
   scalar_t* yp = y.data_ptr<scalar_t>();
   const PhasePlane pp(g);
   const int64_t KK = g.KH * g.KW;
+  const std::vector<int64_t> taps = pp.tap_offsets(g);
+  const std::vector<int64_t> cols = phase_col_offsets(pp, g);
+  // Register tile by plane width: 4 accumulators either way (enough to hide FMA latency), spread over
+  // rows when a row is only one or two vectors wide.
+  const int64_t nvec = ceil_div(g.OW, Vec::N);
+  auto run = nvec == 1 ? &forward_plane<4, 1, scalar_t, acc_t>
+           : nvec == 2 ? &forward_plane<2, 2, scalar_t, acc_t>
+           : nvec == 3 ? &forward_plane<1, 3, scalar_t, acc_t>
+                       : &forward_plane<1, kTile / Vec::N, scalar_t, acc_t>;
 
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
     // Padding cells are never written, so zeroing once per chunk keeps them zero for every plane.
     std::vector<acc_t> buf(pp.size(), acc_t(0));
+    const int64_t plane_bytes = g.H * g.W * static_cast<int64_t>(sizeof(scalar_t));
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t c = plane % g.C;
-      fill_phase_plane(pp, g, xp + plane * g.H * g.W, buf.data());
-      const acc_t* wc = wp + c * KK;
-      const acc_t bias = bp ? bp[c] : acc_t(0);
-      scalar_t* yplane = yp + plane * g.OH * g.OW;
-      for (int64_t oh = 0; oh < g.OH; ++oh) {
-        for (int64_t ow0 = 0; ow0 < g.OW; ow0 += kTile) {
-          acc_t acc[kTile];
-#pragma omp simd
-          for (int64_t i = 0; i < kTile; ++i) acc[i] = bias;
-          for (int64_t kh = 0; kh < g.KH; ++kh) {
-            const int64_t row = oh * g.SH + kh * g.DH;
-            for (int64_t kw = 0; kw < g.KW; ++kw) {
-              const acc_t wv = wc[kh * g.KW + kw];
-              const acc_t* s = buf.data() + pp.at(row, ow0 * g.SW + kw * g.DW);
-#pragma omp simd
-              for (int64_t i = 0; i < kTile; ++i) acc[i] += wv * s[i];
-            }
-          }
-          const int64_t n_out = std::min(kTile, g.OW - ow0);
-          scalar_t* d = yplane + oh * g.OW + ow0;
-          for (int64_t i = 0; i < n_out; ++i) d[i] = static_cast<scalar_t>(acc[i]);
-        }
-      }
+      fill_phase_plane(pp, g, cols.data(), xp + plane * g.H * g.W, buf.data());
+      const char* next = plane + 1 < end ? reinterpret_cast<const char*>(xp + (plane + 1) * g.H * g.W) : nullptr;
+      run(pp, g, buf.data(), taps.data(), wp + c * KK, bp ? bp[c] : acc_t(0), yp + plane * g.OH * g.OW, next,
+          plane_bytes);
     }
   });
 }
 
-// acc[0:n] += w[0:n] * x[0:n]; n == kTile is the hot, fully unrolled case.
-template <typename scalar_t, typename acc_t, int64_t n>
-inline void fma_tile(acc_t* acc, const acc_t* w, const scalar_t* x) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) acc[i] += w[i] * static_cast<acc_t>(x[i]);
+// NV vectors of channels of one channels_last pixel: out = init + sum_t w[w_off[t]] * src[src_off[t]]
+// (all pointers already offset to the tile's first channel).
+template <int NV, typename scalar_t, typename acc_t>
+inline void channel_tile(const scalar_t* src, const acc_t* w, const int64_t* src_off, const int64_t* w_off,
+                         int64_t T, const acc_t* init, scalar_t* out) {
+  using Vec = simd::Vec<acc_t>;
+  using V = typename Vec::V;
+  V acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = init ? Vec::load(init + j * Vec::N) : V{};
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* s = src + src_off[t];
+    const acc_t* ww = w + w_off[t];
+    for (int j = 0; j < NV; ++j) acc[j] += Vec::load(ww + j * Vec::N) * Vec::load_from(s + j * Vec::N);
+  }
+  for (int j = 0; j < NV; ++j) Vec::store_to(out + j * Vec::N, acc[j]);
 }
+
+// All C channels of one channels_last pixel: wide tiles, then one-vector tiles, then a scalar tail.
 template <typename scalar_t, typename acc_t>
-inline void fma_tile_n(acc_t* acc, const acc_t* w, const scalar_t* x, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) acc[i] += w[i] * static_cast<acc_t>(x[i]);
+void pixel_channels(int64_t C, const scalar_t* src, const acc_t* w, const int64_t* src_off, const int64_t* w_off,
+                    int64_t T, const acc_t* init, scalar_t* out) {
+  constexpr int64_t N = simd::Vec<acc_t>::N;
+  int64_t c = 0;
+  for (; c + kTile <= C; c += kTile)
+    channel_tile<kTile / N>(src + c, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c);
+  for (; c + N <= C; c += N) channel_tile<1>(src + c, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c);
+  for (; c < C; ++c) {
+    acc_t acc = init ? init[c] : acc_t(0);
+    for (int64_t t = 0; t < T; ++t) acc += w[w_off[t] + c] * static_cast<acc_t>(src[src_off[t] + c]);
+    out[c] = static_cast<scalar_t>(acc);
+  }
+}
+
+// P neighbouring pixels x NV vectors of channels sharing one tap list (pixels `src_px` / `out_px` elements
+// apart): each weight vector is loaded once for P pixels.
+template <int P, int NV, typename scalar_t, typename acc_t>
+inline void pixels_tile(const scalar_t* src, int64_t src_px, const acc_t* w, const int64_t* src_off,
+                        const int64_t* w_off, int64_t T, const acc_t* init, scalar_t* out, int64_t out_px) {
+  using Vec = simd::Vec<acc_t>;
+  using V = typename Vec::V;
+  V acc[P][NV];
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < NV; ++j) acc[p][j] = init ? Vec::load(init + j * Vec::N) : V{};
+  for (int64_t t = 0; t < T; ++t) {
+    V wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = Vec::load(w + w_off[t] + j * Vec::N);
+    const scalar_t* s = src + src_off[t];
+    for (int p = 0; p < P; ++p)
+      for (int j = 0; j < NV; ++j) acc[p][j] += wv[j] * Vec::load_from(s + p * src_px + j * Vec::N);
+  }
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < NV; ++j) Vec::store_to(out + p * out_px + j * Vec::N, acc[p][j]);
+}
+
+// kPix pixels of one output row that share their tap list: all channels.
+constexpr int kPix = 4;
+template <typename scalar_t, typename acc_t>
+void pixels_channels(int64_t C, const scalar_t* src, int64_t src_px, const acc_t* w, const int64_t* src_off,
+                     const int64_t* w_off, int64_t T, const acc_t* init, scalar_t* out) {
+  constexpr int64_t N = simd::Vec<acc_t>::N;
+  int64_t c = 0;
+  for (; c + 2 * N <= C; c += 2 * N)
+    pixels_tile<kPix, 2>(src + c, src_px, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c, C);
+  for (; c + N <= C; c += N)
+    pixels_tile<kPix, 1>(src + c, src_px, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c, C);
+  for (; c < C; ++c)
+    for (int p = 0; p < kPix; ++p) {
+      acc_t acc = init ? init[c] : acc_t(0);
+      for (int64_t t = 0; t < T; ++t) acc += w[w_off[t] + c] * static_cast<acc_t>(src[src_off[t] + p * src_px + c]);
+      out[p * C + c] = static_cast<scalar_t>(acc);
+    }
 }
 
 // Weights (C, 1, kh, kw) -> (kh*kw, C) in acc_t, so channels_last loops read them contiguously.
@@ -126,37 +249,40 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor wt = weights_khkw_c<acc_t>(w);
   const acc_t* wp = wt.data_ptr<acc_t>();
-  at::Tensor bf = b ? b->to(c10::CppTypeToScalarType<acc_t>::value).contiguous()
-                    : at::zeros({g.C}, wt.options());
-  const acc_t* bp = bf.data_ptr<acc_t>();
+  at::Tensor bf;
+  if (b) bf = b->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* bp = b ? bf.data_ptr<acc_t>() : nullptr;
   const scalar_t* xp = x.data_ptr<scalar_t>();  // channels_last: (n, h, w, c) in memory
   scalar_t* yp = y.data_ptr<scalar_t>();
-  const int64_t C = g.C;
+  const int64_t C = g.C, KK = g.KH * g.KW;
 
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> x_off(KK), w_off(KK);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.OH, oh = row % g.OH;
       int64_t kh0, kh1;
       tap_range(oh, g.SH, g.PT, g.DH, g.KH, g.H, kh0, kh1);
-      for (int64_t ow = 0; ow < g.OW; ++ow) {
+      for (int64_t ow = 0; ow < g.OW;) {
         int64_t kw0, kw1;
         tap_range(ow, g.SW, g.PL, g.DW, g.KW, g.W, kw0, kw1);
-        scalar_t* out = yp + ((n * g.OH + oh) * g.OW + ow) * C;
-        for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-          const int64_t nc = std::min(kTile, C - c0);
-          acc_t acc[kTile];
-          for (int64_t i = 0; i < nc; ++i) acc[i] = bp[c0 + i];
-          for (int64_t kh = kh0; kh < kh1; ++kh) {
-            const int64_t ih = oh * g.SH - g.PT + kh * g.DH;
-            for (int64_t kw = kw0; kw < kw1; ++kw) {
-              const int64_t iw = ow * g.SW - g.PL + kw * g.DW;
-              const scalar_t* xs = xp + ((n * g.H + ih) * g.W + iw) * C + c0;
-              const acc_t* ws = wp + (kh * g.KW + kw) * C + c0;
-              if (nc == kTile) fma_tile<scalar_t, acc_t, kTile>(acc, ws, xs);
-              else fma_tile_n(acc, ws, xs, nc);
-            }
+        // Taps inside the input, as offsets from this pixel's window origin.
+        int64_t T = 0;
+        for (int64_t kh = kh0; kh < kh1; ++kh)
+          for (int64_t kw = kw0; kw < kw1; ++kw, ++T) {
+            x_off[T] = (kh * g.DH * g.W + kw * g.DW) * C;
+            w_off[T] = (kh * g.KW + kw) * C;
           }
-          for (int64_t i = 0; i < nc; ++i) out[c0 + i] = static_cast<scalar_t>(acc[i]);
+        const scalar_t* origin = xp + ((n * g.H + oh * g.SH - g.PT) * g.W + ow * g.SW - g.PL) * C;
+        scalar_t* out = yp + ((n * g.OH + oh) * g.OW + ow) * C;
+        // Away from the left/right border, kPix neighbours have every tap in the input.
+        const bool interior = kw0 == 0 && kw1 == g.KW && ow + kPix <= g.OW &&
+                              (ow + kPix - 1) * g.SW - g.PL + (g.KW - 1) * g.DW < g.W;
+        if (interior) {
+          pixels_channels(C, origin, g.SW * C, wp, x_off.data(), w_off.data(), T, bp, out);
+          ow += kPix;
+        } else {
+          pixel_channels(C, origin, wp, x_off.data(), w_off.data(), T, bp, out);
+          ow += 1;
         }
       }
     }
@@ -199,7 +325,12 @@ void backward_nchw(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
   scalar_t* gbp = gb.data_ptr<scalar_t>();
   const PhasePlane pp(g);
   const int64_t KK = g.KH * g.KW;
-  const int64_t OWr = ceil_div(g.OW, kTile) * kTile;
+  const int64_t OWr = ceil_div(g.OW, simd::Vec<acc_t>::N) * simd::Vec<acc_t>::N;
+  const std::vector<int64_t> taps = pp.tap_offsets(g);
+  const std::vector<int64_t> cols = phase_col_offsets(pp, g);
+  const int64_t row_stride = g.SH * pp.Wq;
+  using Vec = simd::Vec<acc_t>;
+  using V = typename Vec::V;
 
   at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xbuf(pp.size(), acc_t(0)), gbuf(pp.size()), gorow(OWr, acc_t(0)), gwacc(KK);
@@ -209,44 +340,55 @@ void backward_nchw(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
       const acc_t* wc = wp + c * KK;
       for (int64_t n = 0; n < g.N; ++n) {
         const int64_t plane = n * g.C + c;
-        fill_phase_plane(pp, g, xp + plane * g.H * g.W, xbuf.data());
+        fill_phase_plane(pp, g, cols.data(), xp + plane * g.H * g.W, xbuf.data());
         std::fill(gbuf.begin(), gbuf.end(), acc_t(0));
         const scalar_t* goplane = gop + plane * g.OH * g.OW;
         for (int64_t oh = 0; oh < g.OH; ++oh) {
           // Lanes past OW stay zero, so whole-tile loops below add nothing there.
           for (int64_t i = 0; i < g.OW; ++i) gorow[i] = static_cast<acc_t>(goplane[oh * g.OW + i]);
           const acc_t* gr = gorow.data();
-          acc_t rowsum = 0;
-#pragma omp simd reduction(+ : rowsum)
-          for (int64_t i = 0; i < OWr; ++i) rowsum += gr[i];
-          gbacc += rowsum;
-          for (int64_t kh = 0; kh < g.KH; ++kh) {
-            const int64_t row = oh * g.SH + kh * g.DH;
-            for (int64_t kw = 0; kw < g.KW; ++kw) {
-              const int64_t off = pp.at(row, kw * g.DW);
-              const acc_t* xs = xbuf.data() + off;
-              acc_t* gs = gbuf.data() + off;
-              const acc_t wv = wc[kh * g.KW + kw];
-              acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-              for (int64_t i = 0; i < OWr; ++i) {
-                dot += gr[i] * xs[i];
-                gs[i] += wv * gr[i];
-              }
-              gwacc[kh * g.KW + kw] += dot;
+          for (int64_t i = 0; i < g.OW; ++i) gbacc += gr[i];
+          for (int64_t k = 0; k < KK; ++k) {
+            const int64_t off = oh * row_stride + taps[k];
+            const acc_t* xs = xbuf.data() + off;
+            acc_t* gs = gbuf.data() + off;
+            const V wv = Vec::splat(wc[k]);
+            V dot{};
+            for (int64_t i = 0; i < OWr; i += Vec::N) {
+              const V gv = Vec::load(gr + i);
+              dot += gv * Vec::load(xs + i);
+              Vec::store(gs + i, Vec::load(gs + i) + wv * gv);
             }
+            gwacc[k] += Vec::sum(dot);
           }
         }
         scalar_t* giplane = gip + plane * g.H * g.W;
         for (int64_t ih = 0; ih < g.H; ++ih)
           for (int64_t iw = 0; iw < g.W; ++iw)
-            giplane[ih * g.W + iw] = static_cast<scalar_t>(gbuf[pp.at(ih + g.PT, iw + g.PL)]);
+            giplane[ih * g.W + iw] = static_cast<scalar_t>(gbuf[(ih + g.PT) * pp.Wq + cols[iw]]);
       }
       for (int64_t k = 0; k < KK; ++k) gwp[c * KK + k] = static_cast<scalar_t>(gwacc[k]);
       gbp[c] = static_cast<scalar_t>(gbacc);
     }
   });
 }
+
+// For each input index i along one axis: the taps k and output indices o with o*S - P + k*D == i.
+struct TapTable {
+  std::vector<int64_t> begin, k, out;  // entries of index i are [begin[i], begin[i+1])
+  TapTable(int64_t L, int64_t OL, int64_t K, int64_t S, int64_t P, int64_t D) : begin(L + 1, 0) {
+    for (int64_t i = 0; i < L; ++i) {
+      begin[i] = static_cast<int64_t>(k.size());
+      for (int64_t kk = 0; kk < K; ++kk) {
+        const int64_t t = i + P - kk * D;
+        if (t < 0 || t % S != 0 || t / S >= OL) continue;
+        k.push_back(kk);
+        out.push_back(t / S);
+      }
+    }
+    begin[L] = static_cast<int64_t>(k.size());
+  }
+};
 
 template <typename scalar_t>
 void backward_nhwc(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::Tensor& gi, at::Tensor& gw,
@@ -259,33 +401,23 @@ void backward_nhwc(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
   scalar_t* gip = gi.data_ptr<scalar_t>();
   const int64_t C = g.C, KK = g.KH * g.KW;
 
-  // grad_input: a gather over the outputs each input pixel fed (no write conflicts).
+  // grad_input: a gather over the outputs each input pixel fed (no write conflicts). Which taps reach
+  // an input row / column depends only on that row / column: tabulate them once.
+  using Vec = simd::Vec<acc_t>;
+  const TapTable rows_t(g.H, g.OH, g.KH, g.SH, g.PT, g.DH), cols_t(g.W, g.OW, g.KW, g.SW, g.PL, g.DW);
   at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> go_off(KK), w_off(KK);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.H, ih = r % g.H;
       for (int64_t iw = 0; iw < g.W; ++iw) {
-        scalar_t* out = gip + ((n * g.H + ih) * g.W + iw) * C;
-        for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-          const int64_t nc = std::min(kTile, C - c0);
-          acc_t acc[kTile] = {};
-          for (int64_t kh = 0; kh < g.KH; ++kh) {
-            const int64_t t = ih + g.PT - kh * g.DH;
-            if (t < 0 || t % g.SH) continue;
-            const int64_t oh = t / g.SH;
-            if (oh >= g.OH) continue;
-            for (int64_t kw = 0; kw < g.KW; ++kw) {
-              const int64_t u = iw + g.PL - kw * g.DW;
-              if (u < 0 || u % g.SW) continue;
-              const int64_t ow = u / g.SW;
-              if (ow >= g.OW) continue;
-              const scalar_t* gs = gop + ((n * g.OH + oh) * g.OW + ow) * C + c0;
-              const acc_t* ws = wp + (kh * g.KW + kw) * C + c0;
-              if (nc == kTile) fma_tile<scalar_t, acc_t, kTile>(acc, ws, gs);
-              else fma_tile_n(acc, ws, gs, nc);
-            }
+        int64_t T = 0;
+        for (int64_t a = rows_t.begin[ih]; a < rows_t.begin[ih + 1]; ++a)
+          for (int64_t bb = cols_t.begin[iw]; bb < cols_t.begin[iw + 1]; ++bb, ++T) {
+            go_off[T] = ((n * g.OH + rows_t.out[a]) * g.OW + cols_t.out[bb]) * C;
+            w_off[T] = (rows_t.k[a] * g.KW + cols_t.k[bb]) * C;
           }
-          for (int64_t i = 0; i < nc; ++i) out[c0 + i] = static_cast<scalar_t>(acc[i]);
-        }
+        pixel_channels(C, gop, wp, go_off.data(), w_off.data(), T, static_cast<const acc_t*>(nullptr),
+                       gip + ((n * g.H + ih) * g.W + iw) * C);
       }
     }
   });
@@ -309,7 +441,6 @@ void backward_nhwc(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
         tap_range(ow, g.SW, g.PL, g.DW, g.KW, g.W, kw0, kw1);
         const scalar_t* gs = gop + ((n * g.OH + oh) * g.OW + ow) * C;
         acc_t* gr = gorow.data();
-#pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           gr[c] = static_cast<acc_t>(gs[c]);
           pb[c] += gr[c];
@@ -320,8 +451,10 @@ void backward_nhwc(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
             const int64_t iw = ow * g.SW - g.PL + kw * g.DW;
             const scalar_t* xs = xp + ((n * g.H + ih) * g.W + iw) * C;
             acc_t* ws = pw + (kh * g.KW + kw) * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) ws[c] += gr[c] * static_cast<acc_t>(xs[c]);
+            int64_t c = 0;
+            for (; c + Vec::N <= C; c += Vec::N)
+              Vec::store(ws + c, Vec::load(ws + c) + Vec::load(gr + c) * Vec::load_from(xs + c));
+            for (; c < C; ++c) ws[c] += gr[c] * static_cast<acc_t>(xs[c]);
           }
         }
       }
