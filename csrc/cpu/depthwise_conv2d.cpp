@@ -17,6 +17,12 @@
 #include "common.h"
 #include "cpu/simd.h"
 
+// Rows here are short (7..112 elements): GCC's rewrite of copy loops into memmove/memset calls costs
+// more per call than the copy itself.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+#endif
+
 namespace fastops {
 namespace {
 
@@ -114,7 +120,11 @@ void forward_plane(const PhasePlane& pp, const Conv2dGeom& g, const acc_t* buf, 
       const int64_t nc = std::min(TW, g.OW - ow0);
       for (int64_t r = 0; r < nr; ++r) {
         scalar_t* d = yplane + (oh0 + r) * g.OW + ow0;
-        for (int64_t i = 0; i < nc; ++i) d[i] = static_cast<scalar_t>(tmp[r * TW + i]);
+        if (nc == TW) {
+          for (int64_t i = 0; i < TW; ++i) d[i] = static_cast<scalar_t>(tmp[r * TW + i]);
+        } else {
+          for (int64_t i = 0; i < nc; ++i) d[i] = static_cast<scalar_t>(tmp[r * TW + i]);
+        }
       }
     }
   }
