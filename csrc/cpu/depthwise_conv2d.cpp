@@ -78,6 +78,11 @@ inline std::vector<int64_t> phase_col_offsets(const PhasePlane& pp, const Conv2d
 
 // Hardware prefetchers stop at page boundaries and know nothing of the next plane; asking for the next
 // plane a slice at a time while this one is computed overlaps its memory reads with arithmetic.
+inline void prefetch_range(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
 inline void prefetch_slice(const char* p, int64_t bytes, int64_t slice, int64_t nslices) {
   if (!p) return;
   const int64_t lines = (bytes + 63) / 64, per = (lines + nslices - 1) / nslices;
@@ -223,6 +228,7 @@ inline void pixels_tile(const scalar_t* src, int64_t src_px, const acc_t* w, con
 
 // kPix pixels of one output row that share their tap list: all channels.
 constexpr int kPix = 4;
+constexpr int64_t kPrefetchPx = 3 * kPix;
 template <typename scalar_t, typename acc_t>
 void pixels_channels(int64_t C, const scalar_t* src, int64_t src_px, const acc_t* w, const int64_t* src_off,
                      const int64_t* w_off, int64_t T, const acc_t* init, scalar_t* out) {
@@ -272,7 +278,20 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
       const int64_t n = row / g.OH, oh = row % g.OH;
       int64_t kh0, kh1;
       tap_range(oh, g.SH, g.PT, g.DH, g.KH, g.H, kh0, kh1);
+      // The kernel's bottom input row is the one not yet in cache (the rows above were read for the
+      // previous output rows); the pixel-by-channel access order hides its stream from the hardware
+      // prefetcher, so fetch it kPrefetchPx pixels ahead.
+      const int64_t ih_new = oh * g.SH - g.PT + (g.KH - 1) * g.DH;
+      const scalar_t* new_row = (ih_new >= 0 && ih_new < g.H) ? xp + (n * g.H + ih_new) * g.W * C : nullptr;
+      int64_t prefetched = 0;  // input columns of new_row already requested
       for (int64_t ow = 0; ow < g.OW;) {
+        if (new_row) {
+          const int64_t want = std::min(g.W, (ow + kPrefetchPx) * g.SW + (g.KW - 1) * g.DW - g.PL + 1);
+          if (want > prefetched) {
+            prefetch_range(new_row + prefetched * C, (want - prefetched) * C * static_cast<int64_t>(sizeof(scalar_t)));
+            prefetched = want;
+          }
+        }
         int64_t kw0, kw1;
         tap_range(ow, g.SW, g.PL, g.DW, g.KW, g.W, kw0, kw1);
         // Taps inside the input, as offsets from this pixel's window origin.
