@@ -61,11 +61,10 @@ void fill_phase_plane(const PhasePlane& pp, const Conv2dGeom& g, const int64_t* 
   for (int64_t r = 0; r < g.H; ++r) {
     const scalar_t* __restrict__ s = src + r * g.W;
     acc_t* __restrict__ d = buf + (r + g.PT) * pp.Wq;
-    if (pp.S == 1) {
-      d += col_off[0];
-      for (int64_t i = 0; i < g.W; ++i) d[i] = static_cast<acc_t>(s[i]);
-    } else {
-      for (int64_t i = 0; i < g.W; ++i) d[col_off[i]] = static_cast<acc_t>(s[i]);
+    // One contiguous destination run per phase: phase p gets every S-th input column from i0.
+    for (int64_t i0 = 0; i0 < std::min(pp.S, g.W); ++i0) {
+      acc_t* __restrict__ dp = d + col_off[i0];
+      for (int64_t i = i0, j = 0; i < g.W; i += pp.S, ++j) dp[j] = static_cast<acc_t>(s[i]);
     }
   }
 }
