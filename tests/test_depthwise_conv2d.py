@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import fastops
 from fastops import backends
+from fastops._layout import is_channels_last
 from fastops.ops.depthwise_conv2d import _padding4
 
 from ._util import (HAS_CUDA, INTERPRET, LAYOUTS, TOL, assert_close, backend_params, make_layout,
@@ -66,7 +67,9 @@ def _check_all(backend, geom, dtype, layout, device):
     poison_allocator(y_ref.numel() + x.numel(), device)
     y, gx, gw, gb = _run(backend, x, w, b, s, p, d, go)
     assert y.dtype == dtype and y.device == x.device
-    want_cl = layout == "channels_last" and x.shape[1] > 1
+    # channels_last in, channels_last out; a tensor that is both layouts (C == 1 or H == W == 1) counts as NCHW
+    want_cl = is_channels_last(x)
+    assert want_cl == (layout == "channels_last" and not x.is_contiguous())
     assert y.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
     assert_close(y, y_ref, dtype, "output")
     assert_close(gx, gx_ref, dtype, "grad_input")
@@ -116,7 +119,7 @@ def test_reference_backend_matches_conv2d():
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)  # same examples every CI run
 @given(n=st.integers(1, 3), c=st.integers(1, 40), h=st.integers(1, 24), w=st.integers(1, 24),
        kh=st.integers(1, 7), kw=st.integers(1, 7), sh=st.integers(1, 3), sw=st.integers(1, 3),
        ph=st.integers(0, 3), pw=st.integers(0, 3), dh=st.integers(1, 3), dw=st.integers(1, 3),

@@ -57,7 +57,8 @@ def depthwise_conv2d(
             PyTorch does) or ``"valid"``.
 
     Returns:
-        (N, C, H_out, W_out) in the layout of ``x`` (channels_last in, channels_last out), with
+        (N, C, H_out, W_out) in the layout of ``x`` (channels_last in, channels_last out; an input that
+        is both contiguous and channels_last, i.e. C == 1 or H == W == 1, counts as NCHW), with
         ``H_out = (H + pad_top + pad_bottom - d_h (k_h - 1) - 1) // s_h + 1`` (likewise W_out).
         Accumulation is in fp32 (fp64 for float64). Differentiable in x, weight and bias.
     """
