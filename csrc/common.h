@@ -74,4 +74,16 @@ inline void check_depthwise_args(const at::Tensor& input, const at::Tensor& weig
   }
 }
 
+// grad_output of depthwise_conv2d_backward must be the forward output's shape, dtype and device.
+inline void check_depthwise_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const Conv2dGeom& g) {
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C &&
+                  grad_output.size(2) == g.OH && grad_output.size(3) == g.OW,
+              "fastops.depthwise_conv2d_backward: grad_output must have shape (", g.N, ", ", g.C, ", ", g.OH, ", ",
+              g.OW, "), got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
+              "fastops.depthwise_conv2d_backward: grad_output dtype must match input");
+  TORCH_CHECK(grad_output.device() == input.device(), "fastops.depthwise_conv2d_backward: grad_output is on ",
+              grad_output.device(), " but input is on ", input.device());
+}
+
 }  // namespace fastops

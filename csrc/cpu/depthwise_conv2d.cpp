@@ -507,12 +507,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
   check_depthwise_args(input, weight, c10::nullopt);
   TORCH_CHECK(input.device().is_cpu(), "fastops.depthwise_conv2d_backward (cpu): input must be a CPU tensor");
   const Conv2dGeom g = make_conv2d_geom(input, weight, stride, padding, dilation);
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C &&
-                  grad_output.size(2) == g.OH && grad_output.size(3) == g.OW,
-              "fastops.depthwise_conv2d_backward: grad_output must have shape (", g.N, ", ", g.C, ", ", g.OH, ", ",
-              g.OW, "), got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
-              "fastops.depthwise_conv2d_backward: grad_output dtype must match input");
+  check_depthwise_grad_output(grad_output, input, g);
   const bool cl = is_channels_last(input);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = input.contiguous(fmt);

@@ -642,14 +642,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cuda(
               input.device());
   const c10::cuda::CUDAGuard guard(input.device());
   const Conv2dGeom g = make_conv2d_geom(input, weight, stride, padding, dilation);
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C &&
-                  grad_output.size(2) == g.OH && grad_output.size(3) == g.OW,
-              "fastops.depthwise_conv2d_backward: grad_output must have shape (", g.N, ", ", g.C, ", ", g.OH, ", ",
-              g.OW, "), got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
-              "fastops.depthwise_conv2d_backward: grad_output dtype must match input");
-  TORCH_CHECK(grad_output.device() == input.device(), "fastops.depthwise_conv2d_backward: grad_output is on ",
-              grad_output.device(), " but input is on ", input.device());
+  check_depthwise_grad_output(grad_output, input, g);
   const bool cl = is_channels_last(input);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = input.contiguous(fmt);
