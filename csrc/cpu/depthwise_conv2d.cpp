@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -90,9 +91,11 @@ inline void prefetch_slice(const char* p, int64_t bytes, int64_t slice, int64_t 
 
 // R output rows x NV vectors of one NCHW plane, accumulated in R*NV registers over all taps; written to
 // `out` (R rows of NV*N values, row pitch NV*N).
-template <int R, int NV, typename acc_t>
-inline void plane_tile(const acc_t* base, int64_t row_stride, const int64_t* taps, const acc_t* wc, int64_t KK,
+template <int R, int NV, int KKc, typename acc_t>
+inline void plane_tile(const acc_t* base, int64_t row_stride, const int64_t* taps, const acc_t* wc, int64_t KK_,
                        acc_t bias, acc_t* out) {
+  // KKc > 0: the tap count is known at compile time (3x3, 7x7) and the tap loop unrolls completely.
+  const int64_t KK = KKc > 0 ? KKc : KK_;
   using Vec = simd::Vec<acc_t>;
   using V = typename Vec::V;
   V acc[R][NV];
@@ -108,7 +111,7 @@ inline void plane_tile(const acc_t* base, int64_t row_stride, const int64_t* tap
     for (int j = 0; j < NV; ++j) Vec::store(out + (r * NV + j) * Vec::N, acc[r][j]);
 }
 
-template <int R, int NV, typename scalar_t, typename acc_t>
+template <int R, int NV, int KKc, typename scalar_t, typename acc_t>
 void forward_plane(const PhasePlane& pp, const Conv2dGeom& g, const acc_t* buf, const int64_t* taps,
                    const acc_t* wc, acc_t bias, scalar_t* yplane, const char* next, int64_t next_bytes) {
   constexpr int64_t TW = NV * simd::Vec<acc_t>::N;
@@ -120,7 +123,7 @@ void forward_plane(const PhasePlane& pp, const Conv2dGeom& g, const acc_t* buf, 
     prefetch_slice(next, next_bytes, oh0 / R, ntiles);
     const int64_t nr = std::min<int64_t>(R, g.OH - oh0);
     for (int64_t ow0 = 0; ow0 < g.OW; ow0 += TW) {
-      plane_tile<R, NV>(buf + oh0 * row_stride + ow0, row_stride, taps, wc, KK, bias, tmp);
+      plane_tile<R, NV, KKc>(buf + oh0 * row_stride + ow0, row_stride, taps, wc, KK, bias, tmp);
       const int64_t nc = std::min(TW, g.OW - ow0);
       for (int64_t r = 0; r < nr; ++r) {
         scalar_t* d = yplane + (oh0 + r) * g.OW + ow0;
@@ -152,10 +155,16 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
   // Register tile by plane width: 4 accumulators either way (enough to hide FMA latency), spread over
   // rows when a row is only one or two vectors wide.
   const int64_t nvec = ceil_div(g.OW, Vec::N);
-  auto run = nvec == 1 ? &forward_plane<4, 1, scalar_t, acc_t>
-           : nvec == 2 ? &forward_plane<2, 2, scalar_t, acc_t>
-           : nvec == 3 ? &forward_plane<1, 3, scalar_t, acc_t>
-                       : &forward_plane<1, kTile / Vec::N, scalar_t, acc_t>;
+  auto pick = [&](auto kk) {
+    constexpr int KKc = decltype(kk)::value;
+    return nvec == 1 ? &forward_plane<4, 1, KKc, scalar_t, acc_t>
+         : nvec == 2 ? &forward_plane<2, 2, KKc, scalar_t, acc_t>
+         : nvec == 3 ? &forward_plane<1, 3, KKc, scalar_t, acc_t>
+                     : &forward_plane<1, kTile / Vec::N, KKc, scalar_t, acc_t>;
+  };
+  auto run = KK == 9 && g.SW == 1    ? pick(std::integral_constant<int, 9>{})
+           : KK == 49 && g.SW == 1   ? pick(std::integral_constant<int, 49>{})
+                                     : pick(std::integral_constant<int, 0>{});
 
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
     // Padding cells are never written, so zeroing once per chunk keeps them zero for every plane.
