@@ -7,7 +7,7 @@ import torch
 import fastops
 from fastops import backends
 
-# Relative error ||out - ref|| / ||ref|| allowed per dtype (DESIGN.md).
+# Relative error ||out - ref|| / ||ref|| allowed per dtype.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
