@@ -70,6 +70,22 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
   *reinterpret_cast<Vec<T, V>*>(p) = v;
 }
 
+// acc[0:V] += w * x, with x converted to the accumulation type.
+template <int V, typename acc_t, typename scalar_t>
+__device__ __forceinline__ void fma_vec(acc_t* acc, const Vec<acc_t, V>& w, const Vec<scalar_t, V>& x) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] += w.v[j] * static_cast<acc_t>(x.v[j]);
+}
+
+// Stores acc[0:V] converted to scalar_t as one V-wide store.
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_acc(scalar_t* p, const acc_t* acc) {
+  Vec<scalar_t, V> out;
+#pragma unroll
+  for (int j = 0; j < V; ++j) out.v[j] = static_cast<scalar_t>(acc[j]);
+  store_vec<V>(p, out);
+}
+
 template <typename scalar_t>
 constexpr int kMaxVec = 16 / static_cast<int>(sizeof(scalar_t));
 
@@ -264,16 +280,10 @@ fwd_nhwc_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ wt, co
       const scalar_t* xrow = x + (n * g.H + ih) * g.W * g.C + c;
       for (int64_t kw = kw0; kw < kw1; ++kw) {
         const int64_t iw = ow * g.SW - g.PL + kw * g.DW;
-        const Vec<scalar_t, V> xv = load_vec<V>(xrow + iw * g.C);
-        const Vec<acc_t, V> wv = load_vec<V>(wt + (kh * g.KW + kw) * g.C + c);
-#pragma unroll
-        for (int j = 0; j < V; ++j) acc[j] += wv.v[j] * static_cast<acc_t>(xv.v[j]);
+        fma_vec<V>(acc, load_vec<V>(wt + (kh * g.KW + kw) * g.C + c), load_vec<V>(xrow + iw * g.C));
       }
     }
-    Vec<scalar_t, V> out;
-#pragma unroll
-    for (int j = 0; j < V; ++j) out.v[j] = static_cast<scalar_t>(acc[j]);
-    store_vec<V>(y + pix * g.C + c, out);
+    store_acc<V>(y + pix * g.C + c, acc);
   }
 }
 
@@ -345,16 +355,10 @@ bwd_input_nhwc_kernel(const scalar_t* __restrict__ go, const acc_t* __restrict__
         if (u % g.SW != 0) continue;
         const int64_t ow = u / g.SW;
         if (ow >= g.OW) continue;
-        const Vec<scalar_t, V> gv = load_vec<V>(gorow + ow * g.C);
-        const Vec<acc_t, V> wv = load_vec<V>(wt + (kh * g.KW + kw) * g.C + c);
-#pragma unroll
-        for (int j = 0; j < V; ++j) acc[j] += wv.v[j] * static_cast<acc_t>(gv.v[j]);
+        fma_vec<V>(acc, load_vec<V>(wt + (kh * g.KW + kw) * g.C + c), load_vec<V>(gorow + ow * g.C));
       }
     }
-    Vec<scalar_t, V> out;
-#pragma unroll
-    for (int j = 0; j < V; ++j) out.v[j] = static_cast<scalar_t>(acc[j]);
-    store_vec<V>(gi + pix * g.C + c, out);
+    store_acc<V>(gi + pix * g.C + c, acc);
   }
 }
 
