@@ -117,3 +117,29 @@ def triton_reason(device: torch.device) -> Optional[str]:
     if device.type == "cpu":
         return "triton runs CPU tensors only under its interpreter (TRITON_INTERPRET=1 before importing fastops)"
     return f"triton cannot run tensors on {device}"
+
+
+def register_kernel_backends(op: str) -> None:
+    """The usual predicates of an op whose first argument is its main input ``x``: ``reference`` always;
+    ``cpu`` / ``cuda`` when fastops._C is loaded (and built with CUDA) and x is on that device; ``triton``
+    on CUDA tensors or under the interpreter. float64 runs on ``cpu`` and ``reference`` only."""
+    def can_cpp(backend):
+        def can_run(x, *rest):
+            why = c_ext_reason(x.device, backend)
+            if why is None and backend == "cuda" and x.dtype == torch.float64:
+                return "float64 is not supported on CUDA (use float32/float16/bfloat16)"
+            return why
+        return can_run
+
+    def can_triton(x, *rest):
+        why = triton_reason(x.device)
+        if why is None and x.dtype == torch.float64:
+            return "float64 is not supported by the Triton kernels"
+        return why
+
+    register(op, "reference", lambda *args: None)
+    register(op, "cpu", can_cpp("cpu"))
+    register(op, "cuda", can_cpp("cuda"))
+    register(op, "triton", can_triton)
+    # No GPU timing has chosen between the two yet; the CUDA C++ kernels are tried first.
+    set_gpu_order(op, ["cuda", "triton"])

@@ -6,7 +6,7 @@ import torch
 from .. import _ext, backends
 from .. import reference as _ref
 from .._layout import memory_format_of
-from . import _checks
+from . import _checks, _registration
 
 OP = "depthwise_conv2d"
 MAX_KERNEL = 31
@@ -97,28 +97,7 @@ def depthwise_conv2d(
 
 # Backends ---------------------------------------------------------------------------------------
 
-def _can_cpp(backend):
-    def can_run(x, weight, bias):
-        why = backends.c_ext_reason(x.device, backend)
-        if why is None and backend == "cuda" and x.dtype == torch.float64:
-            return "float64 is not supported on CUDA (use float32/float16/bfloat16)"
-        return why
-    return can_run
-
-
-def _can_triton(x, weight, bias):
-    why = backends.triton_reason(x.device)
-    if why is None and x.dtype == torch.float64:
-        return "float64 is not supported by the Triton kernels"
-    return why
-
-
-backends.register(OP, "reference", lambda x, weight, bias: None)
-backends.register(OP, "cpu", _can_cpp("cpu"))
-backends.register(OP, "cuda", _can_cpp("cuda"))
-backends.register(OP, "triton", _can_triton)
-# No GPU timing has chosen between the two yet; the CUDA C++ kernel is tried first.
-backends.set_gpu_order(OP, ["cuda", "triton"])
+backends.register_kernel_backends(OP)
 
 
 # Fake kernels and autograd (shared by the C++ op and the Triton op) -----------------------------
@@ -151,10 +130,7 @@ def _make_backward(backward_op):
 
 
 def _register(fwd_name, bwd_name):
-    torch.library.register_fake(f"fastops::{fwd_name}")(_fake_forward)
-    torch.library.register_fake(f"fastops::{bwd_name}")(_fake_backward)
-    bwd_op = getattr(torch.ops.fastops, bwd_name)
-    torch.library.register_autograd(f"fastops::{fwd_name}", _make_backward(bwd_op), setup_context=_setup_context)
+    _registration.register(fwd_name, bwd_name, _fake_forward, _fake_backward, _make_backward, _setup_context)
 
 
 if _ext.C_LOADED:
