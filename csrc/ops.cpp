@@ -33,6 +33,28 @@ TORCH_LIBRARY(fastops, m) {
         "int[2] dilation) -> Tensor");
   m.def("depthwise_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
         "int[4] padding, int[2] dilation) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Squeeze-and-excitation: out = out_act(x * gate(fc2(act(fc1(mean_hw(x))))) + residual).
+  // fc1_weight (R, C), fc2_weight (C, R); act relu|silu|gelu, gate sigmoid|hard_sigmoid, out_act none|relu.
+  // pooled (N, C) fp32 = mean_hw(x), kept for the backward.
+  m.def("squeeze_excite(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+        "Tensor? residual, str act, str gate, str out_act) -> (Tensor out, Tensor pooled)");
+  // grad_residual is empty (numel 0) when has_residual is false.
+  m.def("squeeze_excite_backward(Tensor grad_out, Tensor x, Tensor out, Tensor pooled, Tensor fc1_weight, "
+        "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, bool has_residual, str act, str gate, "
+        "str out_act) -> (Tensor grad_x, Tensor grad_fc1_weight, Tensor grad_fc1_bias, Tensor grad_fc2_weight, "
+        "Tensor grad_fc2_bias, Tensor grad_residual)");
+  // CBAM: ca = gate(mlp(mean_hw x) + mlp(max_hw x)); x1 = x * ca; s = [mean_c x1, max_c x1];
+  // sa = gate(bn(conv_kxk(s))); out = x1 * sa. conv_weight (1, 2, k, k), odd k, padding k/2.
+  // pooled (N, 2, C) fp32 = [mean_hw x, max_hw x]; spatial (N, 2, H, W) fp32 = s; stats (2,) fp32 = the
+  // [mean, biased var] the BN normalised with (batch stats when training, else bn_mean / bn_var).
+  m.def("cbam(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+        "Tensor conv_weight, Tensor bn_weight, Tensor bn_bias, Tensor bn_mean, Tensor bn_var, float eps, "
+        "bool training, str act, str gate) -> (Tensor out, Tensor pooled, Tensor spatial, Tensor stats)");
+  m.def("cbam_backward(Tensor grad_out, Tensor x, Tensor pooled, Tensor spatial, Tensor stats, "
+        "Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, Tensor conv_weight, "
+        "Tensor bn_weight, Tensor bn_bias, float eps, bool training, str act, str gate) -> (Tensor grad_x, "
+        "Tensor grad_fc1_weight, Tensor grad_fc1_bias, Tensor grad_fc2_weight, Tensor grad_fc2_bias, "
+        "Tensor grad_conv_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)");
   m.def("_build_info() -> str", &build_info);
 }
 

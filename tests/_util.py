@@ -31,6 +31,19 @@ def assert_close(out, ref, dtype, what="output", tol=None):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})"
 
 
+def assert_close_reduced(out, ref, ref_same_dtype, dtype, what):
+    """For a gradient that sums N*H*W terms into a handful of numbers (a BN or small conv weight's): such a
+    sum may cancel, and then no implementation in `dtype` gets near `TOL` of the float64 result. The bound
+    is the dtype tolerance or 8x the error of the reference computed in `dtype` (PyTorch's own kernels; on
+    random cases the ratio of the two errors stays below ~5 either way),
+    whichever is larger. Only for float32 / float64, where the kernels accumulate in the input's precision
+    as PyTorch does; half / bf16 inputs accumulate in fp32 and must meet TOL as it is."""
+    tol = TOL[dtype]
+    if dtype in (torch.float32, torch.float64):
+        tol = max(tol, 8 * rel_err(ref_same_dtype, ref))
+    assert_close(out, ref, dtype, what, tol=tol)
+
+
 def make_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     """Same values in another memory layout: contiguous NCHW, channels_last, or a non-contiguous view."""
     if layout == "contiguous":
@@ -72,5 +85,5 @@ def skip_unless_runnable(op: str, backend: str, *args):
         pytest.skip(f"{backend}: {why}")
 
 
-__all__ = ["fastops", "TOL", "LAYOUTS", "rel_err", "assert_close", "make_layout", "poison_allocator",
+__all__ = ["fastops", "TOL", "LAYOUTS", "rel_err", "assert_close", "assert_close_reduced", "make_layout", "poison_allocator",
            "backend_params", "skip_unless_runnable", "HAS_CUDA", "INTERPRET"]

@@ -1,2 +1,4 @@
 """Public ops: argument checks, backend choice, and the fake / autograd registrations."""
+from .cbam import cbam  # noqa: F401
 from .depthwise_conv2d import depthwise_conv2d  # noqa: F401
+from .squeeze_excite import squeeze_excite  # noqa: F401

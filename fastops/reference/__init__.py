@@ -1,2 +1,4 @@
 """Plain-PyTorch references: the oracles for tests and the ``eager`` provider in benchmarks."""
+from .cbam import cbam  # noqa: F401
 from .depthwise_conv2d import depthwise_conv2d  # noqa: F401
+from .squeeze_excite import squeeze_excite  # noqa: F401

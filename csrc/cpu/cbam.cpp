@@ -1,0 +1,502 @@
+// CBAM on the CPU: forward and backward, NCHW and channels_last, float / double / half / bf16.
+//
+//   ca = gate(mlp(mean_hw x) + mlp(max_hw x));  x1 = x * ca;  s = [mean_c x1, max_c x1]
+//   sa = gate(bn(conv_kxk(s)));                 out = x1 * sa
+//
+// Three passes over each sample's slice of x: avg + max pooling; the channel mean / max of x * ca (x1 is
+// never written); the final scale. In eval every stage of a sample runs back to back (its slice stays in
+// cache); in training the BN's batch statistics need every sample's conv output first, so the work is
+// split in two phases around that reduction. The conv, BN and gate work on the small (N, 2, H, W) map.
+// The gradient of a max is split evenly among tied maxima, as torch.amax's is.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "cpu/channel_attn.h"
+
+namespace fastops {
+namespace {
+
+using attn::Act;
+
+struct CbamGeom {
+  int64_t N, C, H, W, HW, K, P;  // K: spatial kernel size, P = K / 2
+  bool cl;
+  int64_t at(int64_t c, int64_t q) const { return cl ? q * C + c : c * HW + q; }  // within one sample
+};
+
+at::Tensor dense(const at::Tensor& t) {
+  return (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) ? t : t.contiguous();
+}
+
+c10::optional<at::Tensor> contig(const c10::optional<at::Tensor>& t) {
+  if (t.has_value() && t->defined()) return t->contiguous();
+  return c10::nullopt;
+}
+
+CbamGeom check_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                    const at::Tensor& w2, const c10::optional<at::Tensor>& b2, const at::Tensor& conv_w,
+                    const at::Tensor& bn_w, const at::Tensor& bn_b) {
+  TORCH_CHECK(x.dim() == 4 && x.numel() > 0, op, ": x must be a non-empty 4-D (N, C, H, W) tensor, got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x.device());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1, op, ": fc1_weight must be (R, C) with C = ", C,
+              ", got ", w1.sizes());
+  const int64_t R = w1.size(0);
+  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == C && w2.size(1) == R, op, ": fc2_weight must be (C, R) = (", C, ", ",
+              R, "), got ", w2.sizes());
+  if (b1.has_value() && b1->defined())
+    TORCH_CHECK(b1->dim() == 1 && b1->size(0) == R && b1->scalar_type() == x.scalar_type(), op,
+                ": fc1_bias must be (R,) = (", R, ",) with x's dtype, got ", b1->sizes());
+  if (b2.has_value() && b2->defined())
+    TORCH_CHECK(b2->dim() == 1 && b2->size(0) == C && b2->scalar_type() == x.scalar_type(), op,
+                ": fc2_bias must be (C,) = (", C, ",) with x's dtype, got ", b2->sizes());
+  TORCH_CHECK(conv_w.dim() == 4 && conv_w.size(0) == 1 && conv_w.size(1) == 2 && conv_w.size(2) == conv_w.size(3) &&
+                  conv_w.size(2) % 2 == 1,
+              op, ": conv_weight must be (1, 2, k, k) with odd k, got ", conv_w.sizes());
+  TORCH_CHECK(bn_w.numel() == 1 && bn_b.numel() == 1, op, ": bn_weight and bn_bias must have one element");
+  for (const auto* t : {&w1, &w2, &conv_w, &bn_w, &bn_b})
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(), op,
+                ": every parameter must match x's dtype and device");
+  const int64_t K = conv_w.size(2);
+  return {x.size(0), C, x.size(2), x.size(3), x.size(2) * x.size(3), K, K / 2, is_channels_last(x)};
+}
+
+template <typename acc_t>
+inline acc_t vmax(acc_t a, acc_t b) { return a > b ? a : b; }
+
+// u[q - q0] for pixels [q0, q1) of one sample: the k x k conv (zero padding K/2) of the 2-channel map s (2, H, W).
+template <typename acc_t, typename out_t>
+void spatial_conv(const CbamGeom& g, const acc_t* s, const acc_t* w, int64_t q0, int64_t q1, out_t* u) {
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t h = q / g.W, x = q % g.W;
+    const int64_t a0 = std::max<int64_t>(0, g.P - h), a1 = std::min<int64_t>(g.K, g.H + g.P - h);
+    const int64_t b0 = std::max<int64_t>(0, g.P - x), b1 = std::min<int64_t>(g.K, g.W + g.P - x);
+    attn::red_t acc = 0;
+    for (int64_t j = 0; j < 2; ++j)
+      for (int64_t a = a0; a < a1; ++a) {
+        const acc_t* srow = s + j * g.HW + (h + a - g.P) * g.W + (x - g.P);
+        const acc_t* wrow = w + (j * g.K + a) * g.K;
+        for (int64_t b = b0; b < b1; ++b) acc += attn::red_t(wrow[b]) * srow[b];
+      }
+    u[q - q0] = static_cast<out_t>(acc);
+  }
+}
+
+// The transpose: ds[j][q] = sum_{a,b} w[j,a,b] du[q - (a - P, b - P)], for pixels [q0, q1).
+template <typename acc_t>
+void spatial_conv_transpose(const CbamGeom& g, const attn::red_t* du, const acc_t* w, int64_t q0, int64_t q1,
+                            attn::red_t* ds) {
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t h = q / g.W, x = q % g.W;
+    // source row h - a + P must lie in [0, H)
+    const int64_t a0 = std::max<int64_t>(0, h + g.P - g.H + 1), a1 = std::min<int64_t>(g.K, h + g.P + 1);
+    const int64_t b0 = std::max<int64_t>(0, x + g.P - g.W + 1), b1 = std::min<int64_t>(g.K, x + g.P + 1);
+    attn::red_t d0 = 0, d1 = 0;
+    for (int64_t a = a0; a < a1; ++a)
+      for (int64_t b = b0; b < b1; ++b) {
+        const attn::red_t d = du[(h - a + g.P) * g.W + (x - b + g.P)];
+        d0 += w[a * g.K + b] * d;
+        d1 += w[(g.K + a) * g.K + b] * d;
+      }
+    ds[q] = d0;
+    ds[g.HW + q] = d1;
+  }
+}
+
+// gw[j,a,b] += sum_q du[q] * s[j, q + (a - P, b - P)] over one sample.
+template <typename acc_t>
+void spatial_conv_weight_grad(const CbamGeom& g, const acc_t* s, const attn::red_t* du, attn::red_t* gw) {
+  for (int64_t j = 0; j < 2; ++j)
+    for (int64_t a = 0; a < g.K; ++a)
+      for (int64_t b = 0; b < g.K; ++b) {
+        attn::red_t acc = 0;
+        const int64_t h0 = std::max<int64_t>(0, g.P - a), h1 = std::min<int64_t>(g.H, g.H + g.P - a);
+        const int64_t x0 = std::max<int64_t>(0, g.P - b), x1 = std::min<int64_t>(g.W, g.W + g.P - b);
+        for (int64_t h = h0; h < h1; ++h) {
+          const attn::red_t* drow = du + h * g.W;
+          const acc_t* srow = s + j * g.HW + (h + a - g.P) * g.W + (b - g.P);
+          for (int64_t x = x0; x < x1; ++x) acc += drow[x] * srow[x];
+        }
+        gw[(j * g.K + a) * g.K + b] += acc;
+      }
+}
+
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> to_acc(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  const scalar_t* p = c.data_ptr<scalar_t>();
+  return std::vector<acc_t>(p, p + c.numel());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
+    const at::Tensor& x_in, const at::Tensor& fc1_w, const c10::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
+    const c10::optional<at::Tensor>& fc2_b, const at::Tensor& conv_w, const at::Tensor& bn_w, const at::Tensor& bn_b,
+    const at::Tensor& bn_mean, const at::Tensor& bn_var, double eps, bool training, c10::string_view act_s,
+    c10::string_view gate_s) {
+  const at::Tensor x = dense(x_in);
+  const CbamGeom g = check_args("fastops.cbam", x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b);
+  const Act act = attn::parse_act(act_s, "act", {Act::kRelu, Act::kSilu, Act::kGelu});
+  const Act gate = attn::parse_act(gate_s, "gate", {Act::kSigmoid, Act::kHardSigmoid});
+  TORCH_CHECK(training || (bn_mean.numel() == 1 && bn_var.numel() == 1),
+              "fastops.cbam: bn_mean and bn_var must have one element");
+  TORCH_CHECK(!training || g.N * g.HW > 1, "fastops.cbam: training needs more than one value per BN channel");
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty_like(x, layout_of(x));
+  at::Tensor pooled = at::empty({g.N, 2, g.C}, x.options().dtype(acc_type));
+  at::Tensor spatial = at::empty({g.N, 2, g.H, g.W}, x.options().dtype(acc_type));
+  at::Tensor stats = at::empty({2}, x.options().dtype(acc_type));
+  const at::Tensor w1 = fc1_w.contiguous(), w2 = fc2_w.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using V = simd::Vec<acc_t>;
+    const attn::Mlp<acc_t> mlp(w1, contig(fc1_b), w2, contig(fc2_b), scalar_t{});
+    const std::vector<acc_t> cw = to_acc<scalar_t, acc_t>(conv_w);
+    const acc_t gamma = static_cast<acc_t>(bn_w.item<double>()), beta = static_cast<acc_t>(bn_b.item<double>());
+    const int64_t C = g.C, HW = g.HW, R = mlp.R, sz = C * HW;
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    scalar_t* py = out.data_ptr<scalar_t>();
+    acc_t *pp = pooled.data_ptr<acc_t>(), *ps = spatial.data_ptr<acc_t>();
+    std::vector<acc_t> ca(g.N * C), u(g.N * HW), tmp(g.N * (2 * R + 2 * C));
+    acc_t mean = 0, rstd = 0;
+
+    // 1. avg and max over pixels, channels [c0, c1)
+    auto pool = attn::range(C, attn::grain_for(HW), [&](int64_t n, int64_t c0, int64_t c1) {
+      using red_t = attn::red_t;
+      using VR = simd::Vec<red_t>;
+      const scalar_t* xs = px + n * sz;
+      acc_t *avg = pp + n * 2 * C, *mx = avg + C;
+      const red_t lowest = -std::numeric_limits<red_t>::infinity();
+      if (!g.cl) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const scalar_t* p = xs + c * HW;
+          typename VR::V s = VR::splat(0), m = VR::splat(lowest);
+          int64_t i = 0;
+          for (; i + VR::N <= HW; i += VR::N) {
+            const typename VR::V v = VR::load_from(p + i);
+            s += v;
+            m = v > m ? v : m;
+          }
+          red_t ts = VR::sum(s), tm = lowest;
+          for (int k = 0; k < VR::N; ++k) tm = vmax(tm, m[k]);
+          for (; i < HW; ++i) {
+            const red_t v = static_cast<red_t>(p[i]);
+            ts += v;
+            tm = vmax(tm, v);
+          }
+          avg[c] = static_cast<acc_t>(ts / HW);
+          mx[c] = static_cast<acc_t>(tm);  // exact: the max of values that came from scalar_t
+        }
+      } else {
+        std::vector<red_t> sums(c1 - c0, red_t(0));
+        for (int64_t c = c0; c < c1; ++c) mx[c] = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t q = 0; q < HW; ++q) {
+          const scalar_t* p = xs + q * C;
+          for (int64_t c = c0; c < c1; ++c) {
+            const acc_t v = static_cast<acc_t>(p[c]);
+            sums[c - c0] += v;
+            mx[c] = vmax(mx[c], v);
+          }
+        }
+        for (int64_t c = c0; c < c1; ++c) avg[c] = static_cast<acc_t>(sums[c - c0] / HW);
+      }
+    });
+    // 2. the channel gate
+    auto channel_mlp = attn::serial([&](int64_t n) {
+      acc_t* t = &tmp[n * (2 * R + 2 * C)];
+      const acc_t* p = pp + n * 2 * C;
+      mlp.forward(act, p, t, t + R, t + 2 * R);
+      mlp.forward(act, p + C, t, t + R, t + 2 * R + C);
+      for (int64_t c = 0; c < C; ++c) ca[n * C + c] = attn::act_fwd(gate, t[2 * R + c] + t[2 * R + C + c]);
+    });
+    // 3. mean and max over channels of x * ca, pixels [q0, q1)
+    auto channel_pool = attn::range(HW, attn::grain_for(C), [&](int64_t n, int64_t q0, int64_t q1) {
+      const scalar_t* xs = px + n * sz;
+      const acc_t* can = &ca[n * C];
+      acc_t *s0 = ps + n * 2 * HW, *s1 = s0 + HW;
+      if (!g.cl) {
+        std::vector<attn::red_t> sum(q1 - q0, attn::red_t(0));
+        for (int64_t q = q0; q < q1; ++q) s1[q] = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* p = xs + c * HW;
+          const acc_t k = can[c];
+          for (int64_t q = q0; q < q1; ++q) {
+            const acc_t v = static_cast<acc_t>(p[q]) * k;
+            sum[q - q0] += v;
+            s1[q] = vmax(s1[q], v);
+          }
+        }
+        for (int64_t q = q0; q < q1; ++q) s0[q] = static_cast<acc_t>(sum[q - q0] / C);
+      } else {
+        // fp32 lanes summed over blocks of kBlock channels, the blocks summed in double (see red_t)
+        constexpr int64_t kBlock = 16 * V::N;
+        for (int64_t q = q0; q < q1; ++q) {
+          const scalar_t* p = xs + q * C;
+          typename V::V m = V::splat(-std::numeric_limits<acc_t>::infinity());
+          attn::red_t ts = 0;
+          int64_t c = 0;
+          while (c + V::N <= C) {
+            typename V::V s = V::splat(0);
+            const int64_t end = std::min(C, c + kBlock);
+            for (; c + V::N <= end; c += V::N) {
+              const typename V::V v = V::load_from(p + c) * V::load(can + c);
+              s += v;
+              m = v > m ? v : m;
+            }
+            ts += V::sum(s);
+          }
+          acc_t tm = -std::numeric_limits<acc_t>::infinity();
+          for (int k = 0; k < V::N; ++k) tm = vmax(tm, m[k]);
+          for (; c < C; ++c) {
+            const acc_t v = static_cast<acc_t>(p[c]) * can[c];
+            ts += v;
+            tm = vmax(tm, v);
+          }
+          s0[q] = static_cast<acc_t>(ts / C);
+          s1[q] = tm;
+        }
+      }
+    });
+    // 4. the k x k conv of the spatial map
+    auto conv = attn::range(HW, attn::grain_for(2 * g.K * g.K), [&](int64_t n, int64_t q0, int64_t q1) {
+      spatial_conv(g, ps + n * 2 * HW, cw.data(), q0, q1, &u[n * HW + q0]);
+    });
+    // 5. out = x * ca * gate(bn(u)), channels [c0, c1); u is turned into sa in place first (per pixel range
+    //    in the caller's stage order: see below).
+    auto to_sa = attn::range(HW, 4096, [&](int64_t n, int64_t q0, int64_t q1) {
+      acc_t* un = &u[n * HW];
+      for (int64_t q = q0; q < q1; ++q) un[q] = attn::act_fwd(gate, (un[q] - mean) * rstd * gamma + beta);
+    });
+    auto scale = attn::range(C, attn::grain_for(HW), [&](int64_t n, int64_t c0, int64_t c1) {
+      const scalar_t* xs = px + n * sz;
+      scalar_t* ys = py + n * sz;
+      const acc_t *can = &ca[n * C], *sa = &u[n * HW];
+      if (!g.cl) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const acc_t k = can[c];
+          for (int64_t q = 0; q < HW; ++q)
+            ys[c * HW + q] = static_cast<scalar_t>(static_cast<acc_t>(xs[c * HW + q]) * k * sa[q]);
+        }
+      } else {
+        for (int64_t q = 0; q < HW; ++q)
+          for (int64_t c = c0; c < c1; ++c)
+            ys[q * C + c] = static_cast<scalar_t>(static_cast<acc_t>(xs[q * C + c]) * can[c] * sa[q]);
+      }
+    });
+
+    acc_t* pst = stats.data_ptr<acc_t>();
+    if (training) {
+      attn::per_sample(g.N, pool, channel_mlp, channel_pool, conv);
+      double s = 0, s2 = 0;
+      for (const acc_t v : u) s += v;
+      const double m = s / static_cast<double>(u.size());
+      for (const acc_t v : u) s2 += (v - m) * (v - m);
+      pst[0] = static_cast<acc_t>(m);
+      pst[1] = static_cast<acc_t>(s2 / static_cast<double>(u.size()));
+    } else {
+      pst[0] = static_cast<acc_t>(bn_mean.item<double>());
+      pst[1] = static_cast<acc_t>(bn_var.item<double>());
+    }
+    mean = pst[0];
+    rstd = acc_t(1) / std::sqrt(pst[1] + static_cast<acc_t>(eps));
+    if (training)
+      attn::per_sample(g.N, to_sa, scale);
+    else
+      attn::per_sample(g.N, pool, channel_mlp, channel_pool, conv, to_sa, scale);
+  });
+  return {out, pooled, spatial, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& pooled_in,
+                  const at::Tensor& spatial_in, const at::Tensor& stats_in, const at::Tensor& fc1_w,
+                  const c10::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
+                  const c10::optional<at::Tensor>& fc2_b, const at::Tensor& conv_w, const at::Tensor& bn_w,
+                  const at::Tensor& bn_b, double eps, bool training, c10::string_view act_s, c10::string_view gate_s) {
+  const at::Tensor x = dense(x_in);
+  const CbamGeom g = check_args("fastops.cbam_backward", x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b);
+  const Act act = attn::parse_act(act_s, "act", {Act::kRelu, Act::kSilu, Act::kGelu});
+  const Act gate = attn::parse_act(gate_s, "gate", {Act::kSigmoid, Act::kHardSigmoid});
+  const auto fmt = layout_of(x);
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_out_in.sizes() == x.sizes() && grad_out_in.scalar_type() == x.scalar_type() &&
+                  grad_out_in.device() == x.device(),
+              "fastops.cbam_backward: grad_out must match x's shape, dtype and device");
+  TORCH_CHECK(pooled_in.sizes() == at::IntArrayRef({g.N, 2, g.C}) && pooled_in.scalar_type() == acc_type,
+              "fastops.cbam_backward: pooled must be (N, 2, C) ", acc_type, ", got ", pooled_in.sizes());
+  TORCH_CHECK(spatial_in.sizes() == at::IntArrayRef({g.N, 2, g.H, g.W}) && spatial_in.scalar_type() == acc_type,
+              "fastops.cbam_backward: spatial must be (N, 2, H, W) ", acc_type, ", got ", spatial_in.sizes());
+  TORCH_CHECK(stats_in.numel() == 2 && stats_in.scalar_type() == acc_type,
+              "fastops.cbam_backward: stats must be (2,) ", acc_type);
+  const at::Tensor go = grad_out_in.contiguous(fmt), pooled = pooled_in.contiguous(), spatial = spatial_in.contiguous();
+  const at::Tensor w1 = fc1_w.contiguous(), w2 = fc2_w.contiguous();
+  const int64_t C = g.C, HW = g.HW, R = w1.size(0), sz = C * HW, K2 = g.K * g.K;
+  at::Tensor gx = at::empty_like(x, fmt);
+  at::Tensor gw1 = at::empty_like(w1), gb1 = at::empty({R}, w1.options());
+  at::Tensor gw2 = at::empty_like(w2), gb2 = at::empty({C}, w2.options());
+  at::Tensor gcw = at::empty_like(conv_w, at::MemoryFormat::Contiguous);
+  at::Tensor gbw = at::empty_like(bn_w), gbb = at::empty_like(bn_b);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const attn::Mlp<acc_t> mlp(w1, contig(fc1_b), w2, contig(fc2_b), scalar_t{});
+    const std::vector<acc_t> cw = to_acc<scalar_t, acc_t>(conv_w);
+    const double gamma = bn_w.item<double>(), beta = bn_b.item<double>();
+    const at::Tensor st = stats_in.contiguous();
+    const acc_t* pst = st.data_ptr<acc_t>();
+    // The spatial branch (maps of N*H*W values) runs in double: its BN gradients are sums that cancel by
+    // construction (sum du = sum du * vhat = 0 in training), and the cost is negligible.
+    using red_t = attn::red_t;
+    const red_t mean = pst[0], rstd = red_t(1) / std::sqrt(red_t(pst[1]) + eps);
+    const scalar_t *px = x.data_ptr<scalar_t>(), *pgo = go.data_ptr<scalar_t>();
+    scalar_t* pgx = gx.data_ptr<scalar_t>();
+    const acc_t *pp = pooled.data_ptr<acc_t>(), *ps = spatial.data_ptr<acc_t>();
+    // Per sample: MLP activations for the avg and max branches (z1, h: (2, R)), the gate (ca, its slope),
+    // per-pixel values (vhat, sa, dv, du, tie counts, ds (2, HW)), per-channel dca, dp (2, C) and the
+    // gradients each sample adds to the MLP weights (dz1 (2, R), dz2 (2, C)) and the conv weight.
+    std::vector<acc_t> z1(g.N * 2 * R), h(g.N * 2 * R), ca(g.N * C), dgate(g.N * C), dca(g.N * C),
+        dp(g.N * 2 * C), dz1(g.N * 2 * R), dz2(g.N * 2 * C), sa(g.N * HW), ties(g.N * HW), z2(2 * C * g.N),
+        coef_mean(g.N * HW), coef_max(g.N * HW);
+    std::vector<red_t> vhat(g.N * HW), dv(g.N * HW), du(g.N * HW), ds(g.N * 2 * HW), gcw_n(g.N * 2 * K2, red_t(0));
+    red_t mdv = 0, mdvv = 0;
+
+    auto gates = attn::serial([&](int64_t n) {
+      const acc_t* p = pp + n * 2 * C;
+      acc_t *za = &z2[n * 2 * C], *zm = za + C;
+      mlp.forward(act, p, &z1[n * 2 * R], &h[n * 2 * R], za);
+      mlp.forward(act, p + C, &z1[n * 2 * R + R], &h[n * 2 * R + R], zm);
+      for (int64_t c = 0; c < C; ++c) {
+        ca[n * C + c] = attn::act_fwd(gate, za[c] + zm[c]);
+        dgate[n * C + c] = attn::act_grad(gate, za[c] + zm[c]);
+      }
+    });
+    // dsa[q] = sum_c go * x * ca, the tie count of the channel max, and dv = dsa * gate'(v)
+    auto pixel_pass = attn::range(HW, attn::grain_for(C), [&](int64_t n, int64_t q0, int64_t q1) {
+      const scalar_t *xs = px + n * sz, *gs = pgo + n * sz;
+      const acc_t *can = &ca[n * C], *smax = ps + n * 2 * HW + HW;
+      std::vector<red_t> ub(q1 - q0);
+      spatial_conv(g, ps + n * 2 * HW, cw.data(), q0, q1, ub.data());
+      for (int64_t q = q0; q < q1; ++q) {
+        attn::red_t dsa = 0;
+        acc_t cnt = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t o = g.at(c, q);
+          const acc_t v = static_cast<acc_t>(xs[o]) * can[c];
+          dsa += attn::red_t(static_cast<acc_t>(gs[o])) * v;
+          cnt += v == smax[q] ? acc_t(1) : acc_t(0);
+        }
+        const red_t vh = (ub[q - q0] - mean) * rstd;
+        const red_t z = vh * gamma + beta;
+        vhat[n * HW + q] = vh;
+        sa[n * HW + q] = static_cast<acc_t>(attn::act_fwd(gate, z));
+        dv[n * HW + q] = dsa * attn::act_grad(gate, z);
+        ties[n * HW + q] = cnt;
+      }
+    });
+    auto bn_back = attn::range(HW, 4096, [&](int64_t n, int64_t q0, int64_t q1) {
+      for (int64_t q = n * HW + q0; q < n * HW + q1; ++q)
+        du[q] = training ? rstd * gamma * (dv[q] - mdv - vhat[q] * mdvv) : dv[q] * gamma * rstd;
+    });
+    auto conv_back = attn::range(HW, attn::grain_for(2 * K2), [&](int64_t n, int64_t q0, int64_t q1) {
+      red_t* dsn = &ds[n * 2 * HW];
+      spatial_conv_transpose(g, &du[n * HW], cw.data(), q0, q1, dsn);
+      for (int64_t q = q0; q < q1; ++q) {  // what each channel's x1 receives from the mean and the max
+        coef_mean[n * HW + q] = static_cast<acc_t>(dsn[q] / C);
+        coef_max[n * HW + q] = static_cast<acc_t>(dsn[HW + q] / ties[n * HW + q]);
+      }
+    });
+    auto conv_wgrad = attn::serial([&](int64_t n) {
+      spatial_conv_weight_grad(g, ps + n * 2 * HW, &du[n * HW], &gcw_n[n * 2 * K2]);
+    });
+    // dx1 = go * sa + ds0 / C + ds1 * [tie] / ties;  dca = sum_q dx1 * x;  gx = dx1 * ca
+    auto channel_pass = attn::range(C, attn::grain_for(HW), [&](int64_t n, int64_t c0, int64_t c1) {
+      const scalar_t *xs = px + n * sz, *gs = pgo + n * sz;
+      scalar_t* gxs = pgx + n * sz;
+      const acc_t *can = &ca[n * C], *san = &sa[n * HW], *cmean = &coef_mean[n * HW], *cmax = &coef_max[n * HW];
+      const acc_t* smax = ps + n * 2 * HW + HW;
+      std::vector<attn::red_t> acc(c1 - c0, attn::red_t(0));
+      auto one = [&](int64_t c, int64_t q) {
+        const int64_t o = g.at(c, q);
+        const acc_t xv = static_cast<acc_t>(xs[o]), v = xv * can[c];
+        acc_t d = static_cast<acc_t>(gs[o]) * san[q] + cmean[q];
+        if (v == smax[q]) d += cmax[q];
+        acc[c - c0] += attn::red_t(d) * xv;
+        gxs[o] = static_cast<scalar_t>(d * can[c]);
+      };
+      if (!g.cl) {
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t q = 0; q < HW; ++q) one(c, q);
+      } else {
+        for (int64_t q = 0; q < HW; ++q)
+          for (int64_t c = c0; c < c1; ++c) one(c, q);
+      }
+      for (int64_t c = c0; c < c1; ++c) dca[n * C + c] = static_cast<acc_t>(acc[c - c0]);
+    });
+    auto mlp_back = attn::serial([&](int64_t n) {
+      acc_t* d2 = &dz2[n * 2 * C];
+      for (int64_t c = 0; c < C; ++c) d2[c] = d2[C + c] = dca[n * C + c] * dgate[n * C + c];
+      mlp.backward(act, &z1[n * 2 * R], d2, &dz1[n * 2 * R], &dp[n * 2 * C]);
+      mlp.backward(act, &z1[n * 2 * R + R], d2, &dz1[n * 2 * R + R], &dp[n * 2 * C + C]);
+    });
+    // gx += dpavg / HW + dpmax * [x == max_hw] / ties, channels [c0, c1)
+    auto pool_back = attn::range(C, attn::grain_for(HW), [&](int64_t n, int64_t c0, int64_t c1) {
+      const scalar_t* xs = px + n * sz;
+      scalar_t* gxs = pgx + n * sz;
+      const acc_t *pmax = pp + n * 2 * C + C, *dpa = &dp[n * 2 * C], *dpm = dpa + C;
+      std::vector<acc_t> cnt(c1 - c0, acc_t(0));
+      if (!g.cl) {
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t q = 0; q < HW; ++q) cnt[c - c0] += static_cast<acc_t>(xs[c * HW + q]) == pmax[c] ? 1 : 0;
+      } else {
+        for (int64_t q = 0; q < HW; ++q)
+          for (int64_t c = c0; c < c1; ++c) cnt[c - c0] += static_cast<acc_t>(xs[q * C + c]) == pmax[c] ? 1 : 0;
+      }
+      const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
+      auto one = [&](int64_t c, int64_t q) {
+        const int64_t o = g.at(c, q);
+        acc_t d = static_cast<acc_t>(gxs[o]) + dpa[c] * inv_hw;
+        if (static_cast<acc_t>(xs[o]) == pmax[c]) d += dpm[c] / cnt[c - c0];
+        gxs[o] = static_cast<scalar_t>(d);
+      };
+      if (!g.cl) {
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t q = 0; q < HW; ++q) one(c, q);
+      } else {
+        for (int64_t q = 0; q < HW; ++q)
+          for (int64_t c = c0; c < c1; ++c) one(c, q);
+      }
+    });
+
+    attn::per_sample(g.N, gates, pixel_pass);
+    double sdv = 0, sdvv = 0;
+    for (int64_t i = 0; i < g.N * HW; ++i) {
+      sdv += dv[i];
+      sdvv += dv[i] * vhat[i];
+    }
+    mdv = sdv / static_cast<double>(g.N * HW);
+    mdvv = sdvv / static_cast<double>(g.N * HW);
+    attn::per_sample(g.N, bn_back, conv_back, conv_wgrad, channel_pass, mlp_back, pool_back);
+
+    gbb.fill_(sdv);
+    gbw.fill_(sdvv);
+    scalar_t* pgcw = gcw.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < 2 * K2; ++i) {
+      red_t s = 0;
+      for (int64_t n = 0; n < g.N; ++n) s += gcw_n[n * 2 * K2 + i];
+      pgcw[i] = static_cast<scalar_t>(s);
+    }
+    attn::linear_weight_grad<scalar_t, acc_t>(2 * g.N, C, R, dz2.data(), h.data(), gw2, gb2);
+    attn::linear_weight_grad<scalar_t, acc_t>(2 * g.N, R, C, dz1.data(), pp, gw1, gb1);
+  });
+  return {gx, gw1, gb1, gw2, gb2, gcw, gbw, gbb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastops, CPU, m) {
+  m.impl("cbam", &cbam_cpu);
+  m.impl("cbam_backward", &cbam_backward_cpu);
+}
+
+}  // namespace fastops

@@ -1,0 +1,211 @@
+// Pieces shared by the CPU channel-attention kernels (squeeze_excite.cpp, cbam.cpp): activations by
+// name, the per-sample channel MLP and its backward, and the per-sample pipeline driver.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "cpu/simd.h"
+
+namespace fastops {
+namespace attn {
+
+// Sums over pixels (or channels) accumulate in double: their terms often cancel (zero-mean activations
+// times zero-mean gradients), and a plain fp32 running sum then loses digits that PyTorch's pairwise
+// sums keep. The loops are memory-bound, so the wider accumulator costs nothing measurable.
+using red_t = double;
+
+enum class Act { kNone, kRelu, kSilu, kGelu, kSigmoid, kHardSigmoid };
+
+inline Act parse_act(c10::string_view name, const char* arg, std::initializer_list<Act> allowed) {
+  static const std::pair<const char*, Act> kNames[] = {{"none", Act::kNone},       {"relu", Act::kRelu},
+                                                       {"silu", Act::kSilu},       {"gelu", Act::kGelu},
+                                                       {"sigmoid", Act::kSigmoid}, {"hard_sigmoid", Act::kHardSigmoid}};
+  for (const auto& [n, a] : kNames)
+    if (name == n && std::find(allowed.begin(), allowed.end(), a) != allowed.end()) return a;
+  TORCH_CHECK(false, "fastops: ", arg, " '", std::string(name), "' is not supported here");
+}
+
+// Dot product with SIMD partial sums (a plain loop is not vectorised without -ffast-math).
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  using V = simd::Vec<acc_t>;
+  typename V::V s0 = V::splat(0), s1 = V::splat(0);
+  int64_t i = 0;
+  for (; i + 2 * V::N <= n; i += 2 * V::N) {
+    s0 += V::load(a + i) * V::load(b + i);
+    s1 += V::load(a + i + V::N) * V::load(b + i + V::N);
+  }
+  acc_t s = V::sum(s0 + s1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename acc_t>
+inline acc_t act_fwd(Act a, acc_t z) {
+  switch (a) {
+    case Act::kRelu: return z > 0 ? z : acc_t(0);
+    case Act::kSilu: return z / (acc_t(1) + std::exp(-z));
+    case Act::kGelu: return acc_t(0.5) * z * (acc_t(1) + std::erf(z * acc_t(M_SQRT1_2)));
+    case Act::kSigmoid: return acc_t(1) / (acc_t(1) + std::exp(-z));
+    case Act::kHardSigmoid: return std::min(std::max(z + acc_t(3), acc_t(0)), acc_t(6)) / acc_t(6);
+    default: return z;
+  }
+}
+
+// d act(z) / dz, with the same conventions as PyTorch's backward formulas (relu'(0) = 0; hard_sigmoid's
+// slope is 0 at -3 and 3 exactly).
+template <typename acc_t>
+inline acc_t act_grad(Act a, acc_t z) {
+  switch (a) {
+    case Act::kRelu: return z > 0 ? acc_t(1) : acc_t(0);
+    case Act::kSilu: {
+      const acc_t s = acc_t(1) / (acc_t(1) + std::exp(-z));
+      return s * (acc_t(1) + z * (acc_t(1) - s));
+    }
+    case Act::kGelu:
+      return acc_t(0.5) * (acc_t(1) + std::erf(z * acc_t(M_SQRT1_2))) +
+             z * std::exp(acc_t(-0.5) * z * z) * acc_t(0.3989422804014327);  // 1/sqrt(2 pi)
+    case Act::kSigmoid: {
+      const acc_t s = acc_t(1) / (acc_t(1) + std::exp(-z));
+      return s * (acc_t(1) - s);
+    }
+    case Act::kHardSigmoid: return (z > acc_t(-3) && z < acc_t(3)) ? acc_t(1) / acc_t(6) : acc_t(0);
+    default: return acc_t(1);
+  }
+}
+
+// The channel MLP z2 = W2 act(W1 p + b1) + b2 of one sample; W1 (R, C), W2 (C, R) row-major. Weights
+// already in acc_t are read in place; half / bf16 ones are converted once per call.
+template <typename acc_t>
+struct Mlp {
+  int64_t C, R;
+  const acc_t *w1, *b1, *w2, *b2;  // b* point at zeros when the bias is absent
+
+  template <typename scalar_t>
+  Mlp(const at::Tensor& fc1_w, const c10::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
+      const c10::optional<at::Tensor>& fc2_b, scalar_t /*tag*/)
+      : C(fc1_w.size(1)), R(fc1_w.size(0)) {
+    auto take = [this](const at::Tensor& t, std::vector<acc_t>& store) -> const acc_t* {
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        return t.data_ptr<acc_t>();
+      } else {
+        const scalar_t* p = t.data_ptr<scalar_t>();
+        store.assign(p, p + t.numel());
+        return store.data();
+      }
+    };
+    w1 = take(fc1_w, own_[0]);
+    w2 = take(fc2_w, own_[1]);
+    zeros_.assign(std::max(C, R), acc_t(0));
+    b1 = (fc1_b.has_value() && fc1_b->defined()) ? take(*fc1_b, own_[2]) : zeros_.data();
+    b2 = (fc2_b.has_value() && fc2_b->defined()) ? take(*fc2_b, own_[3]) : zeros_.data();
+  }
+  Mlp(const Mlp&) = delete;
+
+  // z1 (R) = W1 p + b1, h = act(z1), z2 (C) = W2 h + b2.
+  void forward(Act act, const acc_t* p, acc_t* z1, acc_t* h, acc_t* z2) const {
+    for (int64_t r = 0; r < R; ++r) {
+      z1[r] = dot(w1 + r * C, p, C) + b1[r];
+      h[r] = act_fwd(act, z1[r]);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      z2[c] = dot(w2 + c * R, h, R) + b2[c];
+    }
+  }
+
+  // Given dz2 (C), returns dz1 (R) and dp (C) = W1^T dz1; z1 from forward().
+  void backward(Act act, const acc_t* z1, const acc_t* dz2, acc_t* dz1, acc_t* dp) const {
+    for (int64_t r = 0; r < R; ++r) dz1[r] = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t* w = w2 + c * R;
+      for (int64_t r = 0; r < R; ++r) dz1[r] += w[r] * dz2[c];
+    }
+    for (int64_t r = 0; r < R; ++r) dz1[r] *= act_grad(act, z1[r]);
+    for (int64_t c = 0; c < C; ++c) dp[c] = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      const acc_t* w = w1 + r * C;
+      for (int64_t c = 0; c < C; ++c) dp[c] += w[c] * dz1[r];
+    }
+  }
+
+ private:
+  std::vector<acc_t> own_[4], zeros_;
+};
+
+// Weight and bias gradients of a linear layer from per-row (sample) vectors: gw (O, I) = sum_k dz[k] in[k]^T,
+// gb (O) = sum_k dz[k], over K rows; dz (K, O), in (K, I). Written into gw / gb (input dtype), parallel over O.
+template <typename scalar_t, typename acc_t>
+void linear_weight_grad(int64_t K, int64_t O, int64_t I, const acc_t* dz, const acc_t* in, at::Tensor& gw,
+                        at::Tensor& gb) {
+  scalar_t* pw = gw.data_ptr<scalar_t>();
+  scalar_t* pb = gb.data_ptr<scalar_t>();
+  at::parallel_for(0, O, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, I * K)), [&](int64_t o0, int64_t o1) {
+    std::vector<red_t> row(I);
+    for (int64_t o = o0; o < o1; ++o) {
+      std::fill(row.begin(), row.end(), red_t(0));
+      red_t sb = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const red_t d = dz[k * O + o];
+        sb += d;
+        const acc_t* x = in + k * I;
+        for (int64_t i = 0; i < I; ++i) row[i] += d * x[i];
+      }
+      for (int64_t i = 0; i < I; ++i) pw[o * I + i] = static_cast<scalar_t>(row[i]);
+      pb[o] = static_cast<scalar_t>(sb);
+    }
+  });
+}
+
+// A per-sample pipeline: the stages run in order for each sample; a Range stage covers [0, extent) of that
+// sample (its channels or pixels) in chunks, a Serial stage runs once per sample (the small MLP). With at
+// least as many samples as threads, each thread takes whole samples, so the sample's slice of x is still
+// in cache when the second pass re-reads it; otherwise each Range stage is split across the threads.
+template <typename F>
+struct Range {
+  int64_t extent, grain;
+  F fn;  // fn(n, begin, end)
+};
+template <typename F>
+struct Serial {
+  F fn;  // fn(n)
+};
+template <typename F>
+Range<F> range(int64_t extent, int64_t grain, F fn) { return {extent, std::max<int64_t>(1, grain), fn}; }
+template <typename F>
+Serial<F> serial(F fn) { return {fn}; }
+
+template <typename F>
+inline void run_whole(const Range<F>& s, int64_t n) { s.fn(n, 0, s.extent); }
+template <typename F>
+inline void run_whole(const Serial<F>& s, int64_t n) { s.fn(n); }
+template <typename F>
+inline void run_split(const Range<F>& s, int64_t n) {
+  at::parallel_for(0, s.extent, s.grain, [&](int64_t b, int64_t e) { s.fn(n, b, e); });
+}
+template <typename F>
+inline void run_split(const Serial<F>& s, int64_t n) { s.fn(n); }
+
+template <typename... Stages>
+void per_sample(int64_t N, const Stages&... stages) {
+  if (N >= at::get_num_threads()) {
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) (run_whole(stages, n), ...);
+    });
+  } else {
+    for (int64_t n = 0; n < N; ++n) (run_split(stages, n), ...);
+  }
+}
+
+// Grain (in units of the split dimension) that gives each chunk about 32K elements of work.
+inline int64_t grain_for(int64_t inner) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, inner)); }
+
+}  // namespace attn
+}  // namespace fastops
