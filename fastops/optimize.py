@@ -1,11 +1,13 @@
 """fastops.optimize(model): swap supported modules for their fastops drop-ins, in place."""
 import torch.nn as nn
 
-from .nn import DepthwiseConv2d
+from .nn import CbamModule, DepthwiseConv2d, SqueezeExcite
 
 # (predicate, converter) pairs; each op's issue adds its own module here.
 _SWAPS = [
     (DepthwiseConv2d.is_convertible, DepthwiseConv2d.from_conv),
+    (SqueezeExcite.is_convertible, SqueezeExcite.from_timm),
+    (CbamModule.is_convertible, CbamModule.from_timm),
 ]
 
 
@@ -13,8 +15,11 @@ def optimize(model: nn.Module) -> nn.Module:
     """Replace every supported submodule of ``model`` with its fastops module, sharing parameters.
 
     Today: every depthwise ``nn.Conv2d`` (groups == in == out channels, zero padding) becomes
-    :class:`fastops.nn.DepthwiseConv2d`. Outputs are unchanged up to floating-point rounding. The model
-    is modified in place and returned; ``model`` itself is converted too if it is such a module.
+    :class:`fastops.nn.DepthwiseConv2d`; every supported ``timm.layers.SEModule`` becomes
+    :class:`fastops.nn.SqueezeExcite` and every supported ``timm.layers.CbamModule``
+    :class:`fastops.nn.CbamModule` (see their ``is_convertible``; this never imports timm itself).
+    Outputs are unchanged up to floating-point rounding. The model is modified in place and returned;
+    ``model`` itself is converted too if it is such a module.
     """
     for pred, convert in _SWAPS:
         if pred(model):

@@ -21,3 +21,6 @@ def create_model(name: str, fused: bool = True, **kwargs):
     if name not in _MODELS:
         raise ValueError(f"fastops.models.create_model: unknown model {name!r}; available: {list_models()}")
     return _MODELS[name](fused=fused, **kwargs)
+
+
+from . import resnet  # noqa: E402,F401  (registers the ResNet family)
