@@ -20,6 +20,8 @@ namespace fastops {
 namespace {
 
 using attn::Act;
+using attn::contig;
+using attn::dense;
 
 struct CbamGeom {
   int64_t N, C, H, W, HW, K, P;  // K: spatial kernel size, P = K / 2
@@ -27,41 +29,20 @@ struct CbamGeom {
   int64_t at(int64_t c, int64_t q) const { return cl ? q * C + c : c * HW + q; }  // within one sample
 };
 
-at::Tensor dense(const at::Tensor& t) {
-  return (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) ? t : t.contiguous();
-}
-
-c10::optional<at::Tensor> contig(const c10::optional<at::Tensor>& t) {
-  if (t.has_value() && t->defined()) return t->contiguous();
-  return c10::nullopt;
-}
 
 CbamGeom check_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
                     const at::Tensor& w2, const c10::optional<at::Tensor>& b2, const at::Tensor& conv_w,
                     const at::Tensor& bn_w, const at::Tensor& bn_b) {
-  TORCH_CHECK(x.dim() == 4 && x.numel() > 0, op, ": x must be a non-empty 4-D (N, C, H, W) tensor, got ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x.device());
-  const int64_t C = x.size(1);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1, op, ": fc1_weight must be (R, C) with C = ", C,
-              ", got ", w1.sizes());
-  const int64_t R = w1.size(0);
-  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == C && w2.size(1) == R, op, ": fc2_weight must be (C, R) = (", C, ", ",
-              R, "), got ", w2.sizes());
-  if (b1.has_value() && b1->defined())
-    TORCH_CHECK(b1->dim() == 1 && b1->size(0) == R && b1->scalar_type() == x.scalar_type(), op,
-                ": fc1_bias must be (R,) = (", R, ",) with x's dtype, got ", b1->sizes());
-  if (b2.has_value() && b2->defined())
-    TORCH_CHECK(b2->dim() == 1 && b2->size(0) == C && b2->scalar_type() == x.scalar_type(), op,
-                ": fc2_bias must be (C,) = (", C, ",) with x's dtype, got ", b2->sizes());
+  attn::check_mlp_args(op, x, w1, b1, w2, b2);
   TORCH_CHECK(conv_w.dim() == 4 && conv_w.size(0) == 1 && conv_w.size(1) == 2 && conv_w.size(2) == conv_w.size(3) &&
                   conv_w.size(2) % 2 == 1,
               op, ": conv_weight must be (1, 2, k, k) with odd k, got ", conv_w.sizes());
   TORCH_CHECK(bn_w.numel() == 1 && bn_b.numel() == 1, op, ": bn_weight and bn_bias must have one element");
-  for (const auto* t : {&w1, &w2, &conv_w, &bn_w, &bn_b})
+  for (const auto* t : {&conv_w, &bn_w, &bn_b})
     TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(), op,
-                ": every parameter must match x's dtype and device");
+                ": conv_weight, bn_weight and bn_bias must match x's dtype and device");
   const int64_t K = conv_w.size(2);
-  return {x.size(0), C, x.size(2), x.size(3), x.size(2) * x.size(3), K, K / 2, is_channels_last(x)};
+  return {x.size(0), x.size(1), x.size(2), x.size(3), x.size(2) * x.size(3), K, K / 2, is_channels_last(x)};
 }
 
 template <typename acc_t>

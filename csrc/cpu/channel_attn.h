@@ -22,6 +22,39 @@ namespace attn {
 // sums keep. The loops are memory-bound, so the wider accumulator costs nothing measurable.
 using red_t = double;
 
+// x as the kernels read it: NCHW- or channels_last-contiguous (a strided view becomes an NCHW copy).
+inline at::Tensor dense(const at::Tensor& t) {
+  return (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) ? t : t.contiguous();
+}
+
+inline c10::optional<at::Tensor> contig(const c10::optional<at::Tensor>& t) {
+  if (t.has_value() && t->defined()) return t->contiguous();
+  return c10::nullopt;
+}
+
+// x (N, C, H, W) on the CPU and the channel MLP's fc1_weight (R, C), fc2_weight (C, R), optional biases (R,),
+// (C,), all of x's dtype.
+inline void check_mlp_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                const at::Tensor& w2, const c10::optional<at::Tensor>& b2) {
+  TORCH_CHECK(x.dim() == 4 && x.numel() > 0, op, ": x must be a non-empty 4-D (N, C, H, W) tensor, got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x.device());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1, op, ": fc1_weight must be (R, C) with C = ", C,
+              ", got ", w1.sizes());
+  const int64_t R = w1.size(0);
+  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == C && w2.size(1) == R, op, ": fc2_weight must be (C, R) = (", C, ", ",
+              R, "), got ", w2.sizes());
+  for (const auto* t : {&w1, &w2})
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(), op,
+                ": fc weights must match x's dtype and device");
+  if (b1.has_value() && b1->defined())
+    TORCH_CHECK(b1->dim() == 1 && b1->size(0) == R && b1->scalar_type() == x.scalar_type() && b1->device().is_cpu(),
+                op, ": fc1_bias must be (R,) = (", R, ",) with x's dtype, got ", b1->sizes());
+  if (b2.has_value() && b2->defined())
+    TORCH_CHECK(b2->dim() == 1 && b2->size(0) == C && b2->scalar_type() == x.scalar_type() && b2->device().is_cpu(),
+                op, ": fc2_bias must be (C,) = (", C, ",) with x's dtype, got ", b2->sizes());
+}
+
 enum class Act { kNone, kRelu, kSilu, kGelu, kSigmoid, kHardSigmoid };
 
 inline Act parse_act(c10::string_view name, const char* arg, std::initializer_list<Act> allowed) {

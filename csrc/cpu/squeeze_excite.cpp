@@ -15,41 +15,13 @@ namespace fastops {
 namespace {
 
 using attn::Act;
+using attn::contig;
+using attn::dense;
 
 struct SeGeom {
   int64_t N, C, HW;
   bool cl;  // channels_last: element (n, c, p) at n*C*HW + p*C + c; else n*C*HW + c*HW + p
 };
-
-at::Tensor dense(const at::Tensor& t) {
-  return (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) ? t : t.contiguous();
-}
-
-void check_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
-                const at::Tensor& w2, const c10::optional<at::Tensor>& b2) {
-  TORCH_CHECK(x.dim() == 4 && x.numel() > 0, op, ": x must be a non-empty 4-D (N, C, H, W) tensor, got ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x.device());
-  const int64_t C = x.size(1);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1, op, ": fc1_weight must be (R, C) with C = ", C,
-              ", got ", w1.sizes());
-  const int64_t R = w1.size(0);
-  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == C && w2.size(1) == R, op, ": fc2_weight must be (C, R) = (", C, ", ",
-              R, "), got ", w2.sizes());
-  for (const auto* t : {&w1, &w2})
-    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(), op,
-                ": fc weights must match x's dtype and device");
-  if (b1.has_value() && b1->defined())
-    TORCH_CHECK(b1->dim() == 1 && b1->size(0) == R && b1->scalar_type() == x.scalar_type() && b1->device().is_cpu(),
-                op, ": fc1_bias must be (R,) = (", R, ",) with x's dtype, got ", b1->sizes());
-  if (b2.has_value() && b2->defined())
-    TORCH_CHECK(b2->dim() == 1 && b2->size(0) == C && b2->scalar_type() == x.scalar_type() && b2->device().is_cpu(),
-                op, ": fc2_bias must be (C,) = (", C, ",) with x's dtype, got ", b2->sizes());
-}
-
-c10::optional<at::Tensor> contig(const c10::optional<at::Tensor>& t) {
-  if (t.has_value() && t->defined()) return t->contiguous();
-  return c10::nullopt;
-}
 
 // Sum over pixels of channels [c0, c1) of one sample, into acc[c - c0].
 template <typename scalar_t>
@@ -111,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> squeeze_excite_cpu(const at::Tensor& x_in, co
                                                       const c10::optional<at::Tensor>& fc2_b,
                                                       const c10::optional<at::Tensor>& residual, c10::string_view act_s,
                                                       c10::string_view gate_s, c10::string_view out_act_s) {
-  check_args("fastops.squeeze_excite", x_in, fc1_w, fc1_b, fc2_w, fc2_b);
+  attn::check_mlp_args("fastops.squeeze_excite", x_in, fc1_w, fc1_b, fc2_w, fc2_b);
   const Act act = attn::parse_act(act_s, "act", {Act::kRelu, Act::kSilu, Act::kGelu});
   const Act gate = attn::parse_act(gate_s, "gate", {Act::kSigmoid, Act::kHardSigmoid});
   const Act out_act = attn::parse_act(out_act_s, "out_act", {Act::kNone, Act::kRelu});
@@ -166,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& fc1_w, const c10::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
     const c10::optional<at::Tensor>& fc2_b, bool has_residual, c10::string_view act_s, c10::string_view gate_s,
     c10::string_view out_act_s) {
-  check_args("fastops.squeeze_excite_backward", x_in, fc1_w, fc1_b, fc2_w, fc2_b);
+  attn::check_mlp_args("fastops.squeeze_excite_backward", x_in, fc1_w, fc1_b, fc2_w, fc2_b);
   const Act act = attn::parse_act(act_s, "act", {Act::kRelu, Act::kSilu, Act::kGelu});
   const Act gate = attn::parse_act(gate_s, "gate", {Act::kSigmoid, Act::kHardSigmoid});
   const Act out_act = attn::parse_act(out_act_s, "out_act", {Act::kNone, Act::kRelu});

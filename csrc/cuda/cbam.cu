@@ -51,91 +51,17 @@
 
 namespace fastops {
 
-
 namespace {
 
-using attn_cuda::Act;
+using namespace attn_cuda;
 
-constexpr int kThreads = 256;                     // threads per block for every kernel
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kMaxBlocks = int64_t(1) << 30;  // grid-stride loops cover the rest
-constexpr int64_t kMaxSplits = 1024;
 constexpr int kConvTile = 16;                     // conv kernels: 16 x 16 outputs per block
 constexpr int kMaxK = 15;                         // largest spatial kernel
 constexpr int kHalo = kConvTile + kMaxK - 1;      // input rectangle side for the largest kernel
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int64_t next_pow2(int64_t v) {
-  int64_t p = 1;
-  while (p < v) p <<= 1;
-  return p;
-}
-
-inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-inline unsigned int blocks_for(int64_t items, int64_t per_block, int64_t cap = kMaxBlocks) {
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(ceil_div(items, per_block), cap)));
-}
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
-
-template <int V, typename T>
-__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, V>*>(p);
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
-  *reinterpret_cast<Vec<T, V>*>(p) = v;
-}
-
-template <typename T>
-constexpr int kMaxVec = 16 / static_cast<int>(sizeof(T));
-
-inline bool aligned_to(const void* p, int64_t bytes) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
-}
-
-// Widest V (<= 16 bytes of T) with inner % V == 0, every T pointer aligned for V-wide accesses and every
-// float pointer (fp32 maps read V at a time) aligned for V floats.
-template <typename T>
-int pick_vec(int64_t inner, std::initializer_list<const void*> tptrs, std::initializer_list<const float*> fptrs) {
-  for (int v = kMaxVec<T>; v > 1; v /= 2) {
-    bool ok = inner % v == 0;
-    for (const void* p : tptrs) ok = ok && aligned_to(p, v * static_cast<int64_t>(sizeof(T)));
-    for (const float* p : fptrs) ok = ok && aligned_to(p, v * static_cast<int64_t>(sizeof(float)));
-    if (ok) return v;
-  }
-  return 1;
-}
-
-#define CBAM_DISPATCH_VEC(T, v, LAUNCH)            \
-  switch (v) {                                     \
-    case 8: LAUNCH(std::min(8, kMaxVec<T>)); break; \
-    case 4: LAUNCH(4); break;                      \
-    case 2: LAUNCH(2); break;                      \
-    default: LAUNCH(1); break;                     \
-  }
-
-// fp32 / fp16 / bf16 only: the Python front sends float64 CUDA tensors elsewhere.
-#define CBAM_DISPATCH(TYPE, NAME, ...)                                    \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                          \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
-
 // Max that propagates NaN, as torch.amax.
 __device__ __forceinline__ float nanmax(float a, float b) { return (a > b || isnan(a)) ? a : b; }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -145,12 +71,6 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // x1 = x * ca, rounded once (never contracted into an FMA), identical in the forward and the backward.
 __device__ __forceinline__ float mul_x1(float x, float ca) { return __fmul_rn(x, ca); }
-
-inline int64_t pick_splits(int64_t items, int64_t len, int64_t min_chunk, int64_t target) {
-  int64_t s = items >= target ? 1 : ceil_div(target, items);
-  s = std::min({s, ceil_div(len, min_chunk), kMaxSplits});
-  return std::max<int64_t>(s, 1);
-}
 
 // Gates (fp32): sigmoid or hard_sigmoid = relu6(z + 3) / 6, and their derivatives.
 __device__ __forceinline__ float gate_fwd(Act g, float z) {
@@ -956,7 +876,7 @@ template <typename T, bool BWD>
 void hw_reduce(const CbamArgs<T>& a, const RedOut& o, const Geom& g, const at::TensorOptions& f32,
                cudaStream_t stream) {
 #define CBAM_LAUNCH(V) launch_hw_reduce<T, V, BWD>(a, o, g, f32, stream)
-  CBAM_DISPATCH_VEC(T, pass_vec(a, g), CBAM_LAUNCH)
+  ATTN_DISPATCH_VEC(T, pass_vec(a, g), CBAM_LAUNCH)
 #undef CBAM_LAUNCH
 }
 
@@ -964,14 +884,14 @@ template <typename T, bool BWD>
 void chan_reduce(const CbamArgs<T>& a, const RedOut& o, const Geom& g, const at::TensorOptions& f32,
                  cudaStream_t stream) {
 #define CBAM_LAUNCH(V) launch_chan_reduce<T, V, BWD>(a, o, g, f32, stream)
-  CBAM_DISPATCH_VEC(T, pass_vec(a, g), CBAM_LAUNCH)
+  ATTN_DISPATCH_VEC(T, pass_vec(a, g), CBAM_LAUNCH)
 #undef CBAM_LAUNCH
 }
 
 template <typename T, bool BWD>
 void apply_pass(const CbamArgs<T>& a, const Geom& g, cudaStream_t stream) {
 #define CBAM_LAUNCH(V) launch_apply<T, V, BWD>(a, g, stream)
-  CBAM_DISPATCH_VEC(T, pass_vec(a, g), CBAM_LAUNCH)
+  ATTN_DISPATCH_VEC(T, pass_vec(a, g), CBAM_LAUNCH)
 #undef CBAM_LAUNCH
 }
 
@@ -1128,7 +1048,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cuda(
   float* spatial_p = spatial.data_ptr<float>();
 
   // P1: pooled = [mean_hw x, max_hw x].
-  CBAM_DISPATCH(x.scalar_type(), "cbam_cuda", [&] {
+  ATTN_DISPATCH(x.scalar_type(), "cbam_cuda", [&] {
     CbamArgs<scalar_t> a{};
     a.x = x.const_data_ptr<scalar_t>();
     hw_reduce<scalar_t, false>(a, RedOut{pooled_p, pooled_p + g.C, 2 * g.C, 1.f / static_cast<float>(g.HW), nullptr},
@@ -1136,7 +1056,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cuda(
   });
   const CbamMlp m = cbam_mlp_forward(pooled, w1, b1, w2, b2, act, gate, /*keep_pre=*/false, stream);
   // P2: spatial = [mean_c x1, max_c x1].
-  CBAM_DISPATCH(x.scalar_type(), "cbam_cuda", [&] {
+  ATTN_DISPATCH(x.scalar_type(), "cbam_cuda", [&] {
     CbamArgs<scalar_t> a{};
     a.x = x.const_data_ptr<scalar_t>();
     a.ca = m.ca.const_data_ptr<float>();
@@ -1164,7 +1084,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cuda(
       bnb.const_data_ptr<float>(), static_cast<float>(eps), gate, sa.data_ptr<float>(), g.N * g.HW);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // P3: out = x1 * sa.
-  CBAM_DISPATCH(x.scalar_type(), "cbam_cuda", [&] {
+  ATTN_DISPATCH(x.scalar_type(), "cbam_cuda", [&] {
     CbamArgs<scalar_t> a{};
     a.x = x.const_data_ptr<scalar_t>();
     a.ca = m.ca.const_data_ptr<float>();
@@ -1211,7 +1131,7 @@ cbam_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x_in, const at:
 
   // B1: dsa = sum_c go * x1, cnt1 = |T1|.
   at::Tensor dsa = at::empty({g.N, g.HW}, f32), cnt1 = at::empty({g.N, g.HW}, f32);
-  CBAM_DISPATCH(x.scalar_type(), "cbam_backward_cuda", [&] {
+  ATTN_DISPATCH(x.scalar_type(), "cbam_backward_cuda", [&] {
     CbamArgs<scalar_t> a{};
     a.x = x.const_data_ptr<scalar_t>();
     a.go = go.const_data_ptr<scalar_t>();
@@ -1260,7 +1180,7 @@ cbam_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x_in, const at:
 
   // B2: dca = sum_p dx1 * x, cnt2 = |T2|.
   at::Tensor dca = at::empty({g.N, g.C}, f32), cnt2 = at::empty({g.N, g.C}, f32);
-  CBAM_DISPATCH(x.scalar_type(), "cbam_backward_cuda", [&] {
+  ATTN_DISPATCH(x.scalar_type(), "cbam_backward_cuda", [&] {
     CbamArgs<scalar_t> a{};
     a.x = x.const_data_ptr<scalar_t>();
     a.go = go.const_data_ptr<scalar_t>();
@@ -1305,7 +1225,7 @@ cbam_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x_in, const at:
       1.f / static_cast<float>(g.HW));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(fmt));
-  CBAM_DISPATCH(x.scalar_type(), "cbam_backward_cuda", [&] {
+  ATTN_DISPATCH(x.scalar_type(), "cbam_backward_cuda", [&] {
     CbamArgs<scalar_t> a{};
     a.x = x.const_data_ptr<scalar_t>();
     a.go = go.const_data_ptr<scalar_t>();

@@ -3,9 +3,13 @@
 // activation-derivative kernel.
 #pragma once
 
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <string_view>
 
 namespace fastops {
@@ -28,5 +32,90 @@ void gemm_f32(cudaStream_t stream, int64_t M, int64_t J, int64_t K, const float*
 void act_backward_f32(cudaStream_t stream, const float* grad, int64_t grad_row_div, const float* z, float* out,
                       int64_t rows, int64_t cols, Act act);
 
+// Launch geometry and vector access shared by the kernels of both ops. ---------------------------------
+
+constexpr int kThreads = 256;                     // threads per block for every kernel
+constexpr int64_t kMaxBlocks = int64_t(1) << 30;  // grid-stride loops cover the rest
+constexpr int64_t kMaxSplits = 1024;
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t next_pow2(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+inline unsigned int blocks_for(int64_t items, int64_t per_block, int64_t cap = kMaxBlocks) {
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(ceil_div(items, per_block), cap)));
+}
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+
+template <typename T>
+constexpr int kMaxVec = 16 / static_cast<int>(sizeof(T));
+
+inline bool aligned_to(const void* p, int64_t bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+// Widest V (<= 16 bytes of T) with inner % V == 0, every T pointer aligned for V-wide accesses and every
+// float pointer (fp32 maps read V at a time) aligned for V floats.
+template <typename T>
+int pick_vec(int64_t inner, std::initializer_list<const void*> tptrs, std::initializer_list<const float*> fptrs = {}) {
+  for (int v = kMaxVec<T>; v > 1; v /= 2) {
+    bool ok = inner % v == 0;
+    for (const void* p : tptrs) ok = ok && aligned_to(p, v * static_cast<int64_t>(sizeof(T)));
+    for (const float* p : fptrs) ok = ok && aligned_to(p, v * static_cast<int64_t>(sizeof(float)));
+    if (ok) return v;
+  }
+  return 1;
+}
+
+// Number of splits of a reduction of `len` units done by `items` independent workers, so that about
+// `target` workers run and each split keeps at least `min_chunk` units.
+inline int64_t pick_splits(int64_t items, int64_t len, int64_t min_chunk, int64_t target) {
+  int64_t s = items >= target ? 1 : ceil_div(target, items);
+  s = std::min({s, ceil_div(len, min_chunk), kMaxSplits});
+  return std::max<int64_t>(s, 1);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 }  // namespace attn_cuda
 }  // namespace fastops
+
+// LAUNCH(V) with V the vector width picked at run time (a compile-time constant in each case).
+#define ATTN_DISPATCH_VEC(T, v, LAUNCH)                        \
+  switch (v) {                                                 \
+    case 8: LAUNCH(std::min(8, ::fastops::attn_cuda::kMaxVec<T>)); break; \
+    case 4: LAUNCH(4); break;                                  \
+    case 2: LAUNCH(2); break;                                  \
+    default: LAUNCH(1); break;                                 \
+  }
+
+// fp32 / fp16 / bf16 only: the Python front sends float64 CUDA tensors elsewhere.
+#define ATTN_DISPATCH(TYPE, NAME, ...)                                    \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                          \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))

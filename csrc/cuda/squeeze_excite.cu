@@ -37,93 +37,12 @@
 
 namespace fastops {
 
-
 namespace {
 
-using attn_cuda::Act;
-
-constexpr int kThreads = 256;                     // threads per block for every kernel
-constexpr int64_t kMaxBlocks = int64_t(1) << 30;  // grid-stride loops cover the rest
-constexpr int64_t kMaxSplits = 1024;
-
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int64_t next_pow2(int64_t v) {
-  int64_t p = 1;
-  while (p < v) p <<= 1;
-  return p;
-}
-
-inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-inline unsigned int blocks_for(int64_t items, int64_t per_block, int64_t cap = kMaxBlocks) {
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(ceil_div(items, per_block), cap)));
-}
+using namespace attn_cuda;
 
 // Grid of an elementwise pass: enough blocks to fill the GPU, each thread then loops.
 inline unsigned int elementwise_blocks(int64_t units) { return blocks_for(units, kThreads, sm_count() * 16); }
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
-
-template <int V, typename T>
-__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, V>*>(p);
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
-  *reinterpret_cast<Vec<T, V>*>(p) = v;
-}
-
-template <typename T>
-constexpr int kMaxVec = 16 / static_cast<int>(sizeof(T));
-
-inline bool aligned_to(const void* p, int64_t bytes) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
-}
-
-// Widest V (<= 16 bytes) with inner % V == 0 and every (non-null) pointer aligned for V-wide accesses.
-template <typename T>
-int pick_vec(int64_t inner, std::initializer_list<const void*> ptrs) {
-  for (int v = kMaxVec<T>; v > 1; v /= 2) {
-    bool ok = inner % v == 0;
-    for (const void* p : ptrs) ok = ok && aligned_to(p, v * static_cast<int64_t>(sizeof(T)));
-    if (ok) return v;
-  }
-  return 1;
-}
-
-#define SE_DISPATCH_VEC(T, v, LAUNCH)              \
-  switch (v) {                                     \
-    case 8: LAUNCH(std::min(8, kMaxVec<T>)); break; \
-    case 4: LAUNCH(4); break;                      \
-    case 2: LAUNCH(2); break;                      \
-    default: LAUNCH(1); break;                     \
-  }
-
-// fp32 / fp16 / bf16 only: the Python front sends float64 CUDA tensors elsewhere.
-#define SE_DISPATCH(TYPE, NAME, ...)                                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                      \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-// Number of splits of a reduction of `len` units done by `items` independent workers, so that about
-// `target` workers run and each split keeps at least `min_chunk` units.
-inline int64_t pick_splits(int64_t items, int64_t len, int64_t min_chunk, int64_t target) {
-  int64_t s = items >= target ? 1 : ceil_div(target, items);
-  s = std::min({s, ceil_div(len, min_chunk), kMaxSplits});
-  return std::max<int64_t>(s, 1);
-}
 
 // Position (a, b, n) of flat element i of an (n, b, a) array: NCHW a = pixel, b = channel; channels_last
 // a = channel, b = pixel. next() steps to element i + 1 without dividing.
@@ -415,7 +334,7 @@ void se_reduce(const SeReduceArgs<T>& a, float* dst, float scale, int64_t N, int
                const at::TensorOptions& f32, cudaStream_t stream) {
   const int v = pick_vec<T>(cl ? C : HW, {a.x, a.go, a.out, a.gres});
 #define SE_LAUNCH(V) launch_se_reduce<T, V, BWD>(a, dst, scale, N, C, HW, cl, f32, stream)
-  SE_DISPATCH_VEC(T, v, SE_LAUNCH)
+  ATTN_DISPATCH_VEC(T, v, SE_LAUNCH)
 #undef SE_LAUNCH
 }
 
@@ -626,13 +545,13 @@ std::tuple<at::Tensor, at::Tensor> squeeze_excite_cuda(const at::Tensor& x_in, c
   at::Tensor pooled = at::empty({N, C}, f32);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  SE_DISPATCH(x.scalar_type(), "squeeze_excite_cuda", [&] {
+  ATTN_DISPATCH(x.scalar_type(), "squeeze_excite_cuda", [&] {
     using T = scalar_t;
     const SeReduceArgs<T> ra{x.const_data_ptr<T>(), nullptr, nullptr, nullptr};
     se_reduce<T, false>(ra, pooled.data_ptr<float>(), 1.f / static_cast<float>(HW), N, C, HW, cl, f32, stream);
   });
   const SeMlp m = se_mlp_forward(pooled, w1, b1, w2, b2, act, gate, /*keep_pre=*/false, stream);
-  SE_DISPATCH(x.scalar_type(), "squeeze_excite_cuda", [&] {
+  ATTN_DISPATCH(x.scalar_type(), "squeeze_excite_cuda", [&] {
     using T = scalar_t;
     const SeScaleArgs<T> p{x.const_data_ptr<T>(), has_res ? res.const_data_ptr<T>() : nullptr,
                            m.g.const_data_ptr<float>(), out.data_ptr<T>(), out_act == Act::kRelu};
@@ -680,7 +599,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   // dg = sum_hw dy * x (and grad_residual = dy).
-  SE_DISPATCH(x.scalar_type(), "squeeze_excite_backward_cuda", [&] {
+  ATTN_DISPATCH(x.scalar_type(), "squeeze_excite_backward_cuda", [&] {
     using T = scalar_t;
     const SeReduceArgs<T> ra{x.const_data_ptr<T>(), go.const_data_ptr<T>(), relu ? out.const_data_ptr<T>() : nullptr,
                              has_residual ? gres.data_ptr<T>() : nullptr};
@@ -713,7 +632,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor gb2 = dz2.sum(0);
 
   // gx = dy * g + dp / HW.
-  SE_DISPATCH(x.scalar_type(), "squeeze_excite_backward_cuda", [&] {
+  ATTN_DISPATCH(x.scalar_type(), "squeeze_excite_backward_cuda", [&] {
     using T = scalar_t;
     const bool from_gres = has_residual;  // grad_residual holds dy already masked
     const SeGradArgs<T> p{from_gres ? gres.const_data_ptr<T>() : go.const_data_ptr<T>(),

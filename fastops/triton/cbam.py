@@ -24,7 +24,6 @@ is recomputed bit-identically wherever a tie test against the stored max needs i
 Exposed as the opaque custom ops ``fastops::cbam_triton`` and ``fastops::cbam_backward_triton`` (fake kernels
 and autograd: fastops/ops/cbam.py).
 """
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -33,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .._layout import is_channels_last, memory_format_of
+from . import _common
 
 
 @triton.jit
@@ -403,45 +403,15 @@ def _hw_splits(N, cblocks, HW, block_p, on_gpu):
     return triton.cdiv(HW, chunk), chunk
 
 
-def _act(name, z):
-    if name == "relu":
-        return F.relu(z)
-    if name == "silu":
-        return F.silu(z)
-    return F.gelu(z)
-
-
-def _act_grad(name, z):
-    if name == "relu":
-        return (z > 0).to(z.dtype)
-    if name == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    return 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2)))) + z * torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
-
-
-def _gate(name, z):
-    return torch.sigmoid(z) if name == "sigmoid" else F.relu6(z + 3.0) / 6.0
-
-
-def _gate_grad(name, z, g):
-    if name == "sigmoid":
-        return g * (1 - g)
-    return ((z > -3) & (z < 3)).to(z.dtype) / 6.0
-
-
-def _f32(t):
-    return None if t is None else t.to(torch.float32)
-
 
 def _channel_attn(pooled, w1, b1, w2, b2, act, gate):
     """The shared MLP on both pooled vectors: fp32 torch ops on (N, C) tensors (<1% of the work)."""
-    w1f, b1f, w2f, b2f = _f32(w1), _f32(b1), _f32(w2), _f32(b2)
+    w1f, b1f, w2f, b2f = _common.f32(w1), _common.f32(b1), _common.f32(w2), _common.f32(b2)
     pavg, pmax = pooled[:, 0], pooled[:, 1]
     z1a, z1m = F.linear(pavg, w1f, b1f), F.linear(pmax, w1f, b1f)
-    ha, hm = _act(act, z1a), _act(act, z1m)
+    ha, hm = _common.act(act, z1a), _common.act(act, z1m)
     zsum = F.linear(ha, w2f, b2f) + F.linear(hm, w2f, b2f)
-    return _gate(gate, zsum), (pavg, pmax, z1a, z1m, ha, hm, zsum)
+    return _common.gate(gate, zsum), (pavg, pmax, z1a, z1m, ha, hm, zsum)
 
 
 def _conv(spatial, cw, N, H, W, K):
@@ -542,13 +512,13 @@ def _launch_backward(grad_out, x, pooled, spatial, stats, w1, b1, w2, b2, conv_w
 
     # MLP backward (both branches share the weights): fp32 torch ops on (N, C) tensors (<1% of the work).
     pavg, pmax, z1a, z1m, ha, hm, zsum = saved
-    w1f, w2f = _f32(w1), _f32(w2)
-    dz = dca * _gate_grad(gate, zsum, ca)
+    w1f, w2f = _common.f32(w1), _common.f32(w2)
+    dz = dca * _common.gate_grad(gate, zsum, ca)
     gw2 = dz.t() @ (ha + hm)
     gb2 = 2.0 * dz.sum(0)
     dh = dz @ w2f
-    dz1a = dh * _act_grad(act, z1a)
-    dz1m = dh * _act_grad(act, z1m)
+    dz1a = dh * _common.act_grad(act, z1a)
+    dz1m = dh * _common.act_grad(act, z1m)
     gw1 = dz1a.t() @ pavg + dz1m.t() @ pmax
     gb1 = (dz1a + dz1m).sum(0)
     cavg = ((dz1a @ w1f) / HW).contiguous()
@@ -562,25 +532,13 @@ def _launch_backward(grad_out, x, pooled, spatial, stats, w1, b1, w2, b2, conv_w
             gbn_b.reshape(bn_b.shape).to(bn_b.dtype))
 
 
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else _nullctx()
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @torch.library.custom_op("fastops::cbam_triton", mutates_args=())
 def cbam_triton(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
                 fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], conv_weight: torch.Tensor,
                 bn_weight: torch.Tensor, bn_bias: torch.Tensor, bn_mean: torch.Tensor, bn_var: torch.Tensor,
                 eps: float, training: bool, act: str, gate: str
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _device_guard(x):
+    with _common.device_guard(x):
         return _launch_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias,
                                bn_mean, bn_var, eps, training, act, gate)
 
@@ -592,7 +550,7 @@ def cbam_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, pooled: torch.
                          bn_weight: torch.Tensor, bn_bias: torch.Tensor, eps: float, training: bool, act: str,
                          gate: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _device_guard(x):
+    with _common.device_guard(x):
         return _launch_backward(grad_out, x, pooled, spatial, stats, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                 conv_weight, bn_weight, bn_bias, eps, training, act, gate)
 
@@ -618,17 +576,4 @@ def aot_specs(dtype: str = "fp16"):
         specs.append((_cbam_bwd_gx_kernel, dict(tile)))
     for kernel in (_cbam_conv_kernel, _cbam_bwd_ds_kernel, _cbam_bwd_convw_kernel):
         specs.append((kernel, {"BLOCK_S": BLOCK_S}))
-    out = []
-    for kernel, constexprs in specs:
-        sig = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name in _X_PTRS:
-                sig[name] = "*" + dtype
-            elif name.endswith("_ptr"):
-                sig[name] = "*fp32"
-            else:
-                sig[name] = "i32"
-        out.append((kernel, sig, constexprs))
-    return out
+    return _common.aot_signatures(specs, lambda name: "*" + dtype if name in _X_PTRS else "*fp32")

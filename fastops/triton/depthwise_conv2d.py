@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .._layout import is_channels_last, memory_format_of
+from . import _common
 
 
 @triton.jit
@@ -201,22 +202,10 @@ def _launch_backward(grad_output, x, weight, stride, padding, dilation):
     return gi, gw.contiguous(), gb
 
 
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else _nullctx()
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @torch.library.custom_op("fastops::depthwise_conv2d_triton", mutates_args=())
 def depthwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                             stride: List[int], padding: List[int], dilation: List[int]) -> torch.Tensor:
-    with _device_guard(x):
+    with _common.device_guard(x):
         return _launch_forward(x, weight, bias, stride, padding, dilation)
 
 
@@ -224,7 +213,7 @@ def depthwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
 def depthwise_conv2d_backward_triton(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                      stride: List[int], padding: List[int], dilation: List[int]
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _device_guard(x):
+    with _common.device_guard(x):
         return _launch_backward(grad_output, x, weight, stride, padding, dilation)
 
 
@@ -238,17 +227,4 @@ def aot_specs(dtype: str = "fp16"):
             specs.append((_dw_fwd_kernel, {"HAS_BIAS": has_bias, "BLOCK_P": bp, "BLOCK_C": bc}))
         specs.append((_dw_bwd_input_kernel, {"BLOCK_P": bp, "BLOCK_C": bc}))
         specs.append((_dw_bwd_weight_kernel, {"BLOCK_P": bp, "BLOCK_C": bc}))
-    out = []
-    for kernel, constexprs in specs:
-        sig = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name == "part_ptr":
-                sig[name] = "*fp32"
-            elif name.endswith("_ptr"):
-                sig[name] = "*" + dtype
-            else:
-                sig[name] = "i32"
-        out.append((kernel, sig, constexprs))
-    return out
+    return _common.aot_signatures(specs, lambda name: "*fp32" if name == "part_ptr" else "*" + dtype)

@@ -13,7 +13,6 @@ keeps the contiguous dimension along the wide axis. Offsets are int64, accumulat
 Exposed as the opaque custom ops ``fastops::squeeze_excite_triton`` and ``fastops::squeeze_excite_backward_triton``
 (fake kernels and autograd: fastops/ops/squeeze_excite.py).
 """
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -22,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .._layout import is_channels_last, memory_format_of
+from . import _common
 
 
 @triton.jit
@@ -154,36 +154,6 @@ def _hw_splits(N, cblocks, HW, block_p, on_gpu):
     return triton.cdiv(HW, chunk), chunk
 
 
-def _act(name, z):
-    if name == "relu":
-        return F.relu(z)
-    if name == "silu":
-        return F.silu(z)
-    return F.gelu(z)
-
-
-def _act_grad(name, z):
-    if name == "relu":
-        return (z > 0).to(z.dtype)
-    if name == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    return 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2)))) + z * torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
-
-
-def _gate(name, z):
-    return torch.sigmoid(z) if name == "sigmoid" else F.relu6(z + 3.0) / 6.0
-
-
-def _gate_grad(name, z, g):
-    if name == "sigmoid":
-        return g * (1 - g)
-    return ((z > -3) & (z < 3)).to(z.dtype) / 6.0
-
-
-def _f32(t):
-    return None if t is None else t.to(torch.float32)
-
 
 def _launch_forward(x, w1, b1, w2, b2, residual, act, gate, out_act):
     N, C, H, W = x.shape
@@ -196,7 +166,8 @@ def _launch_forward(x, w1, b1, w2, b2, residual, act, gate, out_act):
     _se_pool_kernel[(N * splits, cblocks)](x, part, C, HW, splits, chunk, *strides, BLOCK_P=BP, BLOCK_C=BC)
     pooled = part.sum(1) / HW  # (N, C): the last, tiny reduction across splits
     # The MLP: (N, C) x (C, R) matmuls in fp32 torch ops (<1% of the work).
-    g = _gate(gate, F.linear(_act(act, F.linear(pooled, _f32(w1), _f32(b1))), _f32(w2), _f32(b2))).contiguous()
+    h = _common.act(act, F.linear(pooled, _common.f32(w1), _common.f32(b1)))
+    g = _common.gate(gate, F.linear(h, _common.f32(w2), _common.f32(b2))).contiguous()
     out = torch.empty_like(x, memory_format=memory_format_of(x))
     has_res = residual is not None
     res = residual.contiguous(memory_format=memory_format_of(x)) if has_res else x
@@ -223,15 +194,15 @@ def _launch_backward(grad_out, x, out, pooled, w1, b1, w2, b2, has_residual, act
     dg = part.sum(1)
     # MLP recompute + backward: fp32 torch ops on (N, C) / (N, R) tensors (<1% of the work).
     p = pooled.to(torch.float32)
-    w1f, w2f = _f32(w1), _f32(w2)
-    z1 = F.linear(p, w1f, _f32(b1))
-    h = _act(act, z1)
-    z2 = F.linear(h, w2f, _f32(b2))
-    g = _gate(gate, z2)
-    dz2 = dg * _gate_grad(gate, z2, g)
+    w1f, w2f = _common.f32(w1), _common.f32(w2)
+    z1 = F.linear(p, w1f, _common.f32(b1))
+    h = _common.act(act, z1)
+    z2 = F.linear(h, w2f, _common.f32(b2))
+    g = _common.gate(gate, z2)
+    dz2 = dg * _common.gate_grad(gate, z2, g)
     gw2 = dz2.t() @ h
     gb2 = dz2.sum(0)
-    dz1 = (dz2 @ w2f) * _act_grad(act, z1)
+    dz1 = (dz2 @ w2f) * _common.act_grad(act, z1)
     gw1 = dz1.t() @ p
     gb1 = dz1.sum(0)
     dpc = ((dz1 @ w1f) / HW).contiguous()
@@ -244,24 +215,12 @@ def _launch_backward(grad_out, x, out, pooled, w1, b1, w2, b2, has_residual, act
     return (gx, gw1.to(w1.dtype), gb1.to(w1.dtype), gw2.to(w2.dtype), gb2.to(w2.dtype), gres)
 
 
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else _nullctx()
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @torch.library.custom_op("fastops::squeeze_excite_triton", mutates_args=())
 def squeeze_excite_triton(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
                           fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
                           residual: Optional[torch.Tensor], act: str, gate: str, out_act: str
                           ) -> Tuple[torch.Tensor, torch.Tensor]:
-    with _device_guard(x):
+    with _common.device_guard(x):
         return _launch_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, gate, out_act)
 
 
@@ -272,7 +231,7 @@ def squeeze_excite_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, out:
                                    fc2_bias: Optional[torch.Tensor], has_residual: bool, act: str, gate: str,
                                    out_act: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                           torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _device_guard(x):
+    with _common.device_guard(x):
         return _launch_backward(grad_out, x, out, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                 has_residual, act, gate, out_act)
 
@@ -294,17 +253,4 @@ def aot_specs(dtype: str = "fp16"):
             for has_res in (False, True):
                 specs.append((_se_scale_kernel, {"HAS_RES": has_res, "OUT_RELU": relu, **tile}))
                 specs.append((_se_bwd_gx_kernel, {"HAS_RES": has_res, "OUT_RELU": relu, **tile}))
-    out = []
-    for kernel, constexprs in specs:
-        sig = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name in _FP32_PTRS:
-                sig[name] = "*fp32"
-            elif name.endswith("_ptr"):
-                sig[name] = "*" + dtype
-            else:
-                sig[name] = "i32"
-        out.append((kernel, sig, constexprs))
-    return out
+    return _common.aot_signatures(specs, lambda name: "*fp32" if name in _FP32_PTRS else "*" + dtype)
