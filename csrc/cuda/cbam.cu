@@ -955,13 +955,6 @@ CbamMlp cbam_mlp_forward(const at::Tensor& pooled, const at::Tensor& w1, const c
 constexpr const char* kOp = "cbam";
 constexpr const char* kOpBwd = "cbam_backward";
 
-void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastops.", op, ": ", name, " dtype ", t.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "fastops.", op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-}
-
 void check_f32(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.device() == x.device() && t.sizes() == shape, "fastops.", op, ": ",
               name, " must be a float32 tensor of shape ", shape, " on x's device, got ", t.scalar_type(), " ",
@@ -973,33 +966,9 @@ int64_t check_cbam_args(const char* op, const at::Tensor& x, const at::Tensor& w
                         const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
                         const c10::optional<at::Tensor>& b2, const at::Tensor& conv_w, const at::Tensor& bn_w,
                         const at::Tensor& bn_b) {
-  TORCH_CHECK(x.is_cuda(), "fastops.", op, " (cuda): x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, "fastops.", op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "fastops.", op,
-              " (cuda): x must be float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK(x.size(0) >= 1 && x.size(1) >= 1 && x.size(2) * x.size(3) >= 1, "fastops.", op,
-              ": x must have N, C >= 1 and H * W >= 1, got shape ", x.sizes());
+  check_mlp_args(op, x, w1, b1, w2, b2);
   TORCH_CHECK(x.size(2) < (int64_t(1) << 30) && x.size(3) < (int64_t(1) << 30), "fastops.", op,
               ": H and W must be below 2^30, got ", x.sizes());
-  const int64_t C = x.size(1);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1, "fastops.", op,
-              ": fc1_weight must have shape (R, C) with C = ", C, ", got ", w1.sizes());
-  const int64_t R = w1.size(0);
-  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == C && w2.size(1) == R, "fastops.", op,
-              ": fc2_weight must have shape (C, R) = (", C, ", ", R, "), got ", w2.sizes());
-  check_same(op, "fc1_weight", w1, x);
-  check_same(op, "fc2_weight", w2, x);
-  if (b1.has_value() && b1->defined()) {
-    TORCH_CHECK(b1->dim() == 1 && b1->size(0) == R, "fastops.", op, ": fc1_bias must have shape (", R, ",), got ",
-                b1->sizes());
-    check_same(op, "fc1_bias", *b1, x);
-  }
-  if (b2.has_value() && b2->defined()) {
-    TORCH_CHECK(b2->dim() == 1 && b2->size(0) == C, "fastops.", op, ": fc2_bias must have shape (", C, ",), got ",
-                b2->sizes());
-    check_same(op, "fc2_bias", *b2, x);
-  }
   TORCH_CHECK(conv_w.dim() == 4 && conv_w.size(0) == 1 && conv_w.size(1) == 2 && conv_w.size(2) == conv_w.size(3) &&
                   conv_w.size(2) % 2 == 1 && conv_w.size(2) <= kMaxK,
               "fastops.", op, ": conv_weight must have shape (1, 2, k, k) with odd k <= ", kMaxK, ", got ",

@@ -32,6 +32,48 @@ void gemm_f32(cudaStream_t stream, int64_t M, int64_t J, int64_t K, const float*
 void act_backward_f32(cudaStream_t stream, const float* grad, int64_t grad_row_div, const float* z, float* out,
                       int64_t rows, int64_t cols, Act act);
 
+// Host-side argument checks shared by both ops (the Python front gives friendlier errors first; these
+// guard direct torch.ops calls). -----------------------------------------------------------------------
+
+inline void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastops.", op, ": ", name, " dtype ", t.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "fastops.", op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+}
+
+// x (N, C, H, W) on CUDA in fp32 / fp16 / bf16 and the channel MLP: fc1_weight (R, C), fc2_weight (C, R),
+// optional biases (R,), (C,), all of x's dtype and device.
+inline void check_mlp_args(const char* op, const at::Tensor& x, const at::Tensor& w1,
+                           const c10::optional<at::Tensor>& b1,
+                           const at::Tensor& w2, const c10::optional<at::Tensor>& b2) {
+  TORCH_CHECK(x.is_cuda(), "fastops.", op, " (cuda): x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, "fastops.", op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "fastops.", op,
+              " (cuda): x must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK(x.size(0) >= 1 && x.size(1) >= 1 && x.size(2) * x.size(3) >= 1, "fastops.", op,
+              ": x must have N, C >= 1 and H * W >= 1, got shape ", x.sizes());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1, "fastops.", op,
+              ": fc1_weight must have shape (R, C) with C = ", C, ", got ", w1.sizes());
+  const int64_t R = w1.size(0);
+  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == C && w2.size(1) == R, "fastops.", op,
+              ": fc2_weight must have shape (C, R) = (", C, ", ", R, "), got ", w2.sizes());
+  check_same(op, "fc1_weight", w1, x);
+  check_same(op, "fc2_weight", w2, x);
+  if (b1.has_value() && b1->defined()) {
+    TORCH_CHECK(b1->dim() == 1 && b1->size(0) == R, "fastops.", op, ": fc1_bias must have shape (", R, ",), got ",
+                b1->sizes());
+    check_same(op, "fc1_bias", *b1, x);
+  }
+  if (b2.has_value() && b2->defined()) {
+    TORCH_CHECK(b2->dim() == 1 && b2->size(0) == C, "fastops.", op, ": fc2_bias must have shape (", C, ",), got ",
+                b2->sizes());
+    check_same(op, "fc2_bias", *b2, x);
+  }
+}
+
 // Launch geometry and vector access shared by the kernels of both ops. ---------------------------------
 
 constexpr int kThreads = 256;                     // threads per block for every kernel

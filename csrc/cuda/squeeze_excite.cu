@@ -444,41 +444,6 @@ se_grad_kernel(const SeGradArgs<T> p, const I numel, const I A, const I B, const
 constexpr const char* kOp = "squeeze_excite";
 constexpr const char* kOpBwd = "squeeze_excite_backward";
 
-void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastops.", op, ": ", name, " dtype ", t.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "fastops.", op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-}
-
-void check_se_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
-                   const at::Tensor& w2, const c10::optional<at::Tensor>& b2) {
-  TORCH_CHECK(x.is_cuda(), "fastops.", op, " (cuda): x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, "fastops.", op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "fastops.", op,
-              " (cuda): x must be float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK(x.size(0) >= 1 && x.size(1) >= 1 && x.size(2) * x.size(3) >= 1, "fastops.", op,
-              ": x must have N, C >= 1 and H * W >= 1, got shape ", x.sizes());
-  const int64_t C = x.size(1);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1, "fastops.", op,
-              ": fc1_weight must have shape (R, C) with C = ", C, ", got ", w1.sizes());
-  const int64_t R = w1.size(0);
-  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == C && w2.size(1) == R, "fastops.", op,
-              ": fc2_weight must have shape (C, R) = (", C, ", ", R, "), got ", w2.sizes());
-  check_same(op, "fc1_weight", w1, x);
-  check_same(op, "fc2_weight", w2, x);
-  if (b1.has_value() && b1->defined()) {
-    TORCH_CHECK(b1->dim() == 1 && b1->size(0) == R, "fastops.", op, ": fc1_bias must have shape (", R, ",), got ",
-                b1->sizes());
-    check_same(op, "fc1_bias", *b1, x);
-  }
-  if (b2.has_value() && b2->defined()) {
-    TORCH_CHECK(b2->dim() == 1 && b2->size(0) == C, "fastops.", op, ": fc2_bias must have shape (", C, ",), got ",
-                b2->sizes());
-    check_same(op, "fc2_bias", *b2, x);
-  }
-}
 
 at::Tensor f32_or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous().to(at::kFloat) : at::Tensor();
@@ -527,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor> squeeze_excite_cuda(const at::Tensor& x_in, c
   const Act act = attn_cuda::parse_act(act_name, kOp, "act");
   const Act gate = attn_cuda::parse_act(gate_name, kOp, "gate");
   const Act out_act = attn_cuda::parse_act(out_act_name, kOp, "out_act");
-  check_se_args(kOp, x_in, w1, b1, w2, b2);
+  check_mlp_args(kOp, x_in, w1, b1, w2, b2);
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res) {
     TORCH_CHECK(residual->sizes() == x_in.sizes(), "fastops.", kOp, ": residual must have x's shape ", x_in.sizes(),
@@ -570,7 +535,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Act act = attn_cuda::parse_act(act_name, kOpBwd, "act");
   const Act gate = attn_cuda::parse_act(gate_name, kOpBwd, "gate");
   const Act out_act = attn_cuda::parse_act(out_act_name, kOpBwd, "out_act");
-  check_se_args(kOpBwd, x_in, w1, b1, w2, b2);
+  check_mlp_args(kOpBwd, x_in, w1, b1, w2, b2);
   TORCH_CHECK(grad_out.sizes() == x_in.sizes(), "fastops.", kOpBwd, ": grad_out must have x's shape ", x_in.sizes(),
               ", got ", grad_out.sizes());
   check_same(kOpBwd, "grad_out", grad_out, x_in);
