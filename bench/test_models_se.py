@@ -147,7 +147,7 @@ class FastopsModel(Provider):
         try:
             with fastops.use_backend(self.backend), torch.no_grad():
                 _fastops_model(self.name, self.layout)(x)
-        except (backends.BackendUnavailable, NotImplementedError) as e:
+        except backends.BackendUnavailable as e:
             return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         return None
 
