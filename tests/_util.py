@@ -44,6 +44,26 @@ def assert_close_reduced(out, ref, ref_same_dtype, dtype, what):
     assert_close(out, ref, dtype, what, tol=tol)
 
 
+def check_compile_fullgraph(backend: str, f, run, names):
+    """``run(fn)`` calls ``fn`` on fresh leaves and returns [output, grads...]: eager ``f`` and
+    ``torch.compile(f, fullgraph=True)`` (called twice; the second call must not recompile) give the same
+    values and gradients with ``backend`` forced. A None entry (an input without a gradient) is skipped."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    with fastops.use_backend(backend):
+        eager = run(f)
+        cnt = CompileCounterWithBackend("inductor")
+        compiled = torch.compile(f, fullgraph=True, backend=cnt)
+        first = run(compiled)
+        second = run(compiled)
+    assert cnt.frame_count == 1, f"compiled {cnt.frame_count} times"
+    for got in (first, second):
+        for g, e, what in zip(got, eager, names):
+            if e is not None:
+                assert_close(g, e, torch.float32, what)
+
+
 def make_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     """Same values in another memory layout: contiguous NCHW, channels_last, or a non-contiguous view."""
     if layout == "contiguous":
@@ -86,4 +106,4 @@ def skip_unless_runnable(op: str, backend: str, *args):
 
 
 __all__ = ["fastops", "TOL", "LAYOUTS", "rel_err", "assert_close", "assert_close_reduced", "make_layout", "poison_allocator",
-           "backend_params", "skip_unless_runnable", "HAS_CUDA", "INTERPRET"]
+           "backend_params", "skip_unless_runnable", "check_compile_fullgraph", "HAS_CUDA", "INTERPRET"]

@@ -8,8 +8,8 @@ import fastops
 from fastops import backends
 from fastops._layout import is_channels_last
 
-from ._util import (INTERPRET, LAYOUTS, assert_close, assert_close_reduced, make_layout, poison_allocator,
-                    skip_unless_runnable)
+from ._util import (INTERPRET, LAYOUTS, assert_close, assert_close_reduced, check_compile_fullgraph, make_layout,
+                    poison_allocator, skip_unless_runnable)
 
 OP = "cbam"
 
@@ -208,9 +208,6 @@ def test_opcheck_triton():
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
     not INTERPRET, reason="interpreter off"))])
 def test_torch_compile_fullgraph(backend):
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
     tensors, stats, opts = _case((2, 24, 6, 5, 4, 7), torch.float32, "channels_last", CONFIGS[1])
 
     def run(fn):
@@ -223,17 +220,7 @@ def test_torch_compile_fullgraph(backend):
     def f(leaves, rm, rv):
         return fastops.cbam(*leaves, rm, rv, **opts) * 2
 
-    with fastops.use_backend(backend):
-        eager = run(f)
-        cnt = CompileCounterWithBackend("inductor")
-        compiled = torch.compile(f, fullgraph=True, backend=cnt)
-        first = run(compiled)
-        second = run(compiled)
-    assert cnt.frame_count == 1, f"compiled {cnt.frame_count} times"
-    for got in (first, second):
-        for g, e, what in zip(got, eager, NAMES + ("running_mean", "running_var")):
-            if e is not None:
-                assert_close(g, e, torch.float32, what)
+    check_compile_fullgraph(backend, f, run, NAMES + ("running_mean", "running_var"))
 
 
 # Bad inputs: each raises an error that names the argument. ------------------------------------------

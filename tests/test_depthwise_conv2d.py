@@ -11,8 +11,8 @@ from fastops import backends
 from fastops._layout import is_channels_last
 from fastops.ops.depthwise_conv2d import _padding4
 
-from ._util import (HAS_CUDA, INTERPRET, LAYOUTS, TOL, assert_close, backend_params, make_layout,
-                    poison_allocator, skip_unless_runnable)
+from ._util import (HAS_CUDA, INTERPRET, LAYOUTS, TOL, assert_close, backend_params, check_compile_fullgraph,
+                    make_layout, poison_allocator, skip_unless_runnable)
 
 OP = "depthwise_conv2d"
 
@@ -170,9 +170,6 @@ def test_opcheck_triton():
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
     not INTERPRET, reason="interpreter off"))])
 def test_torch_compile_fullgraph(backend):
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
     x, w, b, s, p, d = _case((2, 6, 11, 10, 3, 1, 1, 1), torch.float32, "channels_last")
 
     def f(x, w, b):
@@ -184,16 +181,7 @@ def test_torch_compile_fullgraph(backend):
         y.square().sum().backward()
         return y, xs.grad, ws.grad, bs.grad
 
-    with fastops.use_backend(backend):
-        eager = run(f)
-        cnt = CompileCounterWithBackend("inductor")
-        compiled = torch.compile(f, fullgraph=True, backend=cnt)
-        first = run(compiled)
-        second = run(compiled)  # same shapes: must not recompile
-    assert cnt.frame_count == 1, f"compiled {cnt.frame_count} times"
-    for got in (first, second):
-        for g, e, what in zip(got, eager, ("output", "grad_x", "grad_w", "grad_b")):
-            assert_close(g, e, torch.float32, what)
+    check_compile_fullgraph(backend, f, run, ("output", "grad_x", "grad_w", "grad_b"))
 
 
 def test_autocast_cpu_bf16():

@@ -8,8 +8,8 @@ import fastops
 from fastops import backends
 from fastops._layout import is_channels_last
 
-from ._util import (INTERPRET, LAYOUTS, TOL, assert_close, assert_close_reduced, backend_params, make_layout, poison_allocator,
-                    skip_unless_runnable)
+from ._util import (INTERPRET, LAYOUTS, TOL, assert_close, assert_close_reduced, backend_params,
+                    check_compile_fullgraph, make_layout, poison_allocator, skip_unless_runnable)
 
 OP = "squeeze_excite"
 
@@ -174,9 +174,6 @@ def test_opcheck_triton():
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
     not INTERPRET, reason="interpreter off"))])
 def test_torch_compile_fullgraph(backend):
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
     tensors, opts = _case((2, 24, 6, 5, 4), torch.float32, "channels_last", CONFIGS[1])
 
     def f(x, w1, b1, w2, b2, r):
@@ -188,16 +185,7 @@ def test_torch_compile_fullgraph(backend):
         y.square().sum().backward()
         return [y] + [t.grad for t in leaves]
 
-    with fastops.use_backend(backend):
-        eager = run(f)
-        cnt = CompileCounterWithBackend("inductor")
-        compiled = torch.compile(f, fullgraph=True, backend=cnt)
-        first = run(compiled)
-        second = run(compiled)
-    assert cnt.frame_count == 1, f"compiled {cnt.frame_count} times"
-    for got in (first, second):
-        for g, e, what in zip(got, eager, NAMES):
-            assert_close(g, e, torch.float32, what)
+    check_compile_fullgraph(backend, f, run, NAMES)
 
 
 def test_autocast_cpu_bf16():
