@@ -55,6 +55,20 @@ TORCH_LIBRARY(fastops, m) {
         "Tensor bn_weight, Tensor bn_bias, float eps, bool training, str act, str gate) -> (Tensor grad_x, "
         "Tensor grad_fc1_weight, Tensor grad_fc1_bias, Tensor grad_fc2_weight, Tensor grad_fc2_bias, "
         "Tensor grad_conv_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)");
+  // Swin (shifted-)window attention over the un-shifted, un-padded map. qkv (B, H, W, 3C) contiguous,
+  // channels [q | k | v], each num_heads x head_dim. Tokens are rolled by (-shift), zero-padded to window
+  // multiples (padding tokens carry pad_qkv), split into windows; scores = q.k^T * scale + rel_pos_bias
+  // (+ -100 between different shift regions when shift != 0); softmax; .v; results go back to their
+  // original positions. rel_pos_bias (num_heads, N, N) fp32 with N = wh * ww; pad_qkv (3C,) fp32.
+  // out (B, H, W, C) in qkv's dtype; lse (B, nW, num_heads, N) fp32: each query row's log-sum-exp, with
+  // windows numbered row-major over the padded shifted grid (rows of padding queries are not used).
+  m.def("window_attention(Tensor qkv, int num_heads, int[2] window_size, int[2] shift_size, "
+        "Tensor? rel_pos_bias, float scale, Tensor? pad_qkv) -> (Tensor out, Tensor lse)");
+  // grad_rel_pos_bias (num_heads, N, N) fp32, or empty when bias_grad is false; grad_pad_qkv (3C,) fp32
+  // (the summed gradient of every padding token), or empty when pad_grad is false.
+  m.def("window_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, "
+        "int[2] window_size, int[2] shift_size, Tensor? rel_pos_bias, float scale, Tensor? pad_qkv, "
+        "bool bias_grad, bool pad_grad) -> (Tensor grad_qkv, Tensor grad_rel_pos_bias, Tensor grad_pad_qkv)");
   m.def("_build_info() -> str", &build_info);
 }
 

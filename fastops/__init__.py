@@ -4,6 +4,7 @@ Public ops (drop-in functions):
     depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1)
     squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual, out_act)
     cbam(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias, ...)
+    window_attention(qkv, num_heads, window_size, shift_size=0, rel_pos_bias=None, scale=None, pad_qkv=None)
 
 Modules: fastops.nn.DepthwiseConv2d. Model conversion: fastops.optimize(model).
 Backends and why each can or cannot run: ``python -m fastops info``.
@@ -13,7 +14,7 @@ __version__ = "0.1.0"
 from . import _ext  # noqa: F401  (loads fastops._C if it can)
 from . import backends  # noqa: F401
 from .backends import BackendUnavailable, use_backend  # noqa: F401
-from .ops import cbam, depthwise_conv2d, squeeze_excite  # noqa: F401
+from .ops import cbam, depthwise_conv2d, squeeze_excite, window_attention  # noqa: F401
 from . import nn  # noqa: F401
 from .optimize import optimize  # noqa: F401
 from .info import info  # noqa: F401

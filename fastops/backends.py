@@ -119,15 +119,20 @@ def triton_reason(device: torch.device) -> Optional[str]:
     return f"triton cannot run tensors on {device}"
 
 
-def register_kernel_backends(op: str) -> None:
+def register_kernel_backends(op: str, limits: Optional[Dict[str, Callable[..., Optional[str]]]] = None) -> None:
     """The usual predicates of an op whose first argument is its main input ``x``: ``reference`` always;
     ``cpu`` / ``cuda`` when fastops._C is loaded (and built with CUDA) and x is on that device; ``triton``
-    on CUDA tensors or under the interpreter. float64 runs on ``cpu`` and ``reference`` only."""
+    on CUDA tensors or under the interpreter. float64 runs on ``cpu`` and ``reference`` only.
+    ``limits[backend](x, *rest)``, where given, adds that backend's own limits (sizes, dtypes) as a reason."""
+    limits = limits or {}
+
     def can_cpp(backend):
         def can_run(x, *rest):
             why = c_ext_reason(x.device, backend)
             if why is None and backend == "cuda" and x.dtype == torch.float64:
                 return "float64 is not supported on CUDA (use float32/float16/bfloat16)"
+            if why is None and backend in limits:
+                why = limits[backend](x, *rest)
             return why
         return can_run
 
@@ -135,6 +140,8 @@ def register_kernel_backends(op: str) -> None:
         why = triton_reason(x.device)
         if why is None and x.dtype == torch.float64:
             return "float64 is not supported by the Triton kernels"
+        if why is None and "triton" in limits:
+            why = limits["triton"](x, *rest)
         return why
 
     register(op, "reference", lambda *args: None)

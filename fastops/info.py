@@ -13,6 +13,8 @@ def _probe_inputs(op, device):
         return (x, torch.randn(4, 1, 3, 3, device=device), None)
     if op in ("squeeze_excite", "cbam"):  # their predicates look at x only
         return (torch.randn(1, 4, 8, 8, device=device),)
+    if op == "window_attention":  # (qkv, head_dim, window tokens)
+        return (torch.randn(1, 7, 7, 3 * 8, device=device), 4, 49)
     raise KeyError(op)
 
 

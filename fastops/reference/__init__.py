@@ -2,3 +2,4 @@
 from .cbam import cbam  # noqa: F401
 from .depthwise_conv2d import depthwise_conv2d  # noqa: F401
 from .squeeze_excite import squeeze_excite  # noqa: F401
+from .window_attention import window_attention  # noqa: F401
