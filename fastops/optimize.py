@@ -1,13 +1,14 @@
 """fastops.optimize(model): swap supported modules for their fastops drop-ins, in place."""
 import torch.nn as nn
 
-from .nn import CbamModule, DepthwiseConv2d, SqueezeExcite
+from .nn import CbamModule, DepthwiseConv2d, SqueezeExcite, SwinTransformerBlock
 
 # (predicate, converter) pairs; each op's issue adds its own module here.
 _SWAPS = [
     (DepthwiseConv2d.is_convertible, DepthwiseConv2d.from_conv),
     (SqueezeExcite.is_convertible, SqueezeExcite.from_timm),
     (CbamModule.is_convertible, CbamModule.from_timm),
+    (SwinTransformerBlock.is_convertible, SwinTransformerBlock.from_timm),
 ]
 
 
@@ -17,7 +18,9 @@ def optimize(model: nn.Module) -> nn.Module:
     Today: every depthwise ``nn.Conv2d`` (groups == in == out channels, zero padding) becomes
     :class:`fastops.nn.DepthwiseConv2d`; every supported ``timm.layers.SEModule`` becomes
     :class:`fastops.nn.SqueezeExcite` and every supported ``timm.layers.CbamModule``
-    :class:`fastops.nn.CbamModule` (see their ``is_convertible``; this never imports timm itself).
+    :class:`fastops.nn.CbamModule`; every supported timm ``SwinTransformerBlock`` becomes
+    :class:`fastops.nn.SwinTransformerBlock`, its window attention one :func:`fastops.window_attention` call
+    (see their ``is_convertible``; this never imports timm itself).
     Outputs are unchanged up to floating-point rounding. The model is modified in place and returned;
     ``model`` itself is converted too if it is such a module.
     """

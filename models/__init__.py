@@ -24,3 +24,4 @@ def create_model(name: str, fused: bool = True, **kwargs):
 
 
 from . import resnet  # noqa: E402,F401  (registers the ResNet family)
+from . import swin  # noqa: E402,F401  (registers the Swin Transformer family)

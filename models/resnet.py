@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fastops import reference as _ref
 from fastops.nn import CbamModule, SqueezeExcite
+from fastops.nn.layers import DropPath
 
 from . import register_model
 
@@ -54,21 +55,6 @@ _ATTN = {
     True: {"se": SqueezeExcite, "cbam": CbamModule},
     False: {"se": PlainSqueezeExcite, "cbam": PlainCbamModule},
 }
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (timm's ``DropPath``, scale_by_keep=True); identity in eval."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask.div_(keep) if keep > 0 else x * mask
 
 
 def _attn_out(block, x, shortcut):

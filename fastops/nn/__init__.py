@@ -1,3 +1,4 @@
 """Drop-in modules whose forward calls fastops ops; state_dicts match the torch / timm modules they replace."""
 from .depthwise import DepthwiseConv2d  # noqa: F401
 from .attention import CbamModule, SqueezeExcite  # noqa: F401
+from .window_attention import SwinTransformerBlock, WindowAttention  # noqa: F401
