@@ -122,7 +122,9 @@ def op_providers(op: str, reference: Callable, fused: Callable, probe: Callable[
 class Case:
     """One timed shape. `bytes` is the fewest bytes the op must move (every input read once, every output
     written once); `make_inputs(device)` returns fresh tensors, the positional arguments of every provider
-    (`None` allowed). In ``fwd+bwd`` the op's output is back-propagated into the inputs at `grad_inputs`."""
+    (`None` allowed). In ``fwd+bwd`` the op's output is back-propagated into the inputs at `grad_inputs`, and
+    with `grad_params` also into the trainable parameters of the provider's callable (an ``nn.Module``, or
+    torch.compile of one): a model's training step, whose inputs need no gradient."""
 
     op: str
     name: str
@@ -133,6 +135,7 @@ class Case:
     make_inputs: Callable[[torch.device], Sequence[Optional[torch.Tensor]]]
     providers: Mapping[str, Provider]
     grad_inputs: Sequence[int] = ()
+    grad_params: bool = False
     marks: Sequence[Any] = ()
     meta: Dict[str, Any] = field(default_factory=dict)
 
@@ -436,10 +439,13 @@ class Session:
             for args in sets:
                 fn(*args)
             return lambda i: fn(*sets[i])
+        # autograd.grad computes the parameters' gradients as backward() would, without accumulating them
+        # into .grad across calls (a training step starts from zeroed or None grads).
+        params = [p for p in fn.parameters() if p.requires_grad] if case.grad_params else []
         prepared = []
         for args in sets:
             args = _requires_grad(args, case.grad_inputs)
-            leaves = [args[i] for i in case.grad_inputs if args[i] is not None]
+            leaves = [args[i] for i in case.grad_inputs if args[i] is not None] + params
             y = fn(*args)
             gy = torch.randn_like(y)
             torch.autograd.grad(y, leaves, gy)
