@@ -426,11 +426,16 @@ void forward_kernel(const Geom& g, const at::Tensor& qkv, const c10::optional<at
     // the window buffer, past hd into the next slice (finite values whose results are not stored); the
     // slack at the end covers the last row.
     std::vector<T> wb(N * ldw + Wd, T(0)), kt(hd * Np, T(0)), s(N * Np), o(N * hdp), lse_r(N), inv_r(N);
-    WinMap<T> mp(N, Np);
+    MapCache<T> maps(N, Np);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bw = t / ngroups, b = bw / g.nW, h0 = (t % ngroups) * hpg;
       const int64_t h1 = std::min(g.heads, h0 + hpg), gw = (h1 - h0) * hd;
-      if (mp.bw != bw) mp.build(g, bw);
+      if (t + 1 < t1) {  // the next task's token runs, while this one computes
+        const int64_t bwn = (t + 1) / ngroups, h0n = ((t + 1) % ngroups) * hpg;
+        const int64_t gwn = (std::min(g.heads, h0n + hpg) - h0n) * hd;
+        prefetch_slices(px + bwn / g.nW * HW * C3 + h0n * hd, maps.get(g, bwn).orig, C3, 3, C, gwn);
+      }
+      const WinMap<T>& mp = maps.get(g, bw);
       const scalar_t* xb = px + b * HW * C3;
       for (int64_t j = 0; j < N; ++j) {
         T* row = &wb[j * ldw];
