@@ -33,6 +33,9 @@ from roofline import FUSED_BACKENDS, Case, Provider, bench_device
 OP = "model"
 ALL_LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 NUM_CLASSES = 1000
+# A whole-model call takes about a second on a CPU; the harness would time it once, and one reading of it
+# varied by 1.4x between runs here. The median of a few is what the summaries compare.
+MODEL_ROUNDS = 5
 
 
 def model_layouts() -> List[str]:
@@ -172,7 +175,8 @@ class ModelBench:
         for b in FUSED_BACKENDS:
             providers[b] = FastopsModel(self, name, layout, b, train)
         return Case(op=OP, name=f"model.{name}-b{B}h{R}", layout=layout, mode=mode, flops=flops, bytes=nbytes,
-                    make_inputs=make_inputs, providers=providers, grad_params=train, marks=list(marks),
+                    make_inputs=make_inputs, providers=providers, grad_params=train, min_rounds=MODEL_ROUNDS,
+                    marks=list(marks),
                     meta={"model": name, "batch": B, "res": R, "dtype": self.dtype_name, "eval": not train,
                           "fastops_missing": self.missing(name)})
 

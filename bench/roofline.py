@@ -124,7 +124,8 @@ class Case:
     written once); `make_inputs(device)` returns fresh tensors, the positional arguments of every provider
     (`None` allowed). In ``fwd+bwd`` the op's output is back-propagated into the inputs at `grad_inputs`, and
     with `grad_params` also into the trainable parameters of the provider's callable (an ``nn.Module``, or
-    torch.compile of one): a model's training step, whose inputs need no gradient."""
+    torch.compile of one): a model's training step, whose inputs need no gradient. `min_rounds` raises the
+    number of timed rounds for slow calls, which the time budget alone would time once."""
 
     op: str
     name: str
@@ -136,6 +137,7 @@ class Case:
     providers: Mapping[str, Provider]
     grad_inputs: Sequence[int] = ()
     grad_params: bool = False
+    min_rounds: int = 1
     marks: Sequence[Any] = ()
     meta: Dict[str, Any] = field(default_factory=dict)
 
@@ -489,6 +491,7 @@ class Session:
         budget = self.budget_s
         # A call slower than the whole budget is timed once more: the median of a few would cost minutes.
         rounds = 1 if t_block > budget else max(min_rounds, min(max_rounds, math.ceil(budget / t_block)))
+        rounds = max(rounds, case.min_rounds)
         faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         with OtherLoad() as load:
             benchmark.pedantic(block, rounds=rounds, warmup_rounds=0, iterations=1)
