@@ -18,7 +18,6 @@ Models are built once per (name, layout) and shared by the providers; each provi
 eval mode when it is built, so one model serves both modes. Layouts: ``nchw`` (contiguous) and ``nhwc``
 (channels_last model and input).
 """
-import importlib
 import os
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -27,6 +26,7 @@ import timm
 import torch
 
 import fastops
+import fastops.models as fastops_models
 from fastops import backends
 from roofline import FUSED_BACKENDS, Case, Provider, bench_device
 
@@ -51,22 +51,6 @@ def model_layouts() -> List[str]:
     return list(ALL_LAYOUTS) if bench_device().type == "cuda" else ["nchw"]
 
 
-def _import_fastops_models(modules: Sequence[str]):
-    """fastops.models, after importing the model files that register `modules`' models; (module or None,
-    import error or None)."""
-    try:
-        fm = importlib.import_module("fastops.models")
-    except Exception as e:  # noqa: BLE001  (the reason is reported in the skip)
-        return None, f"import fastops.models failed: {type(e).__name__}: {e}"
-    errors = []
-    for mod in modules:
-        try:  # registers the models if fastops/models/__init__ does not import the file itself
-            importlib.import_module(mod)
-        except Exception as e:  # noqa: BLE001
-            errors.append(f"import {mod} failed: {type(e).__name__}: {e}")
-    return fm, "; ".join(errors) or None
-
-
 class ModelBench:
     """One family of models timed at one resolution, batch and dtype.
 
@@ -77,13 +61,11 @@ class ModelBench:
     """
 
     def __init__(self, names: Iterable[str], *, res: int, batch: int, dtype: torch.dtype = torch.float32,
-                 timm_kwargs: Optional[Mapping] = None, fastops_modules: Sequence[str] = (),
-                 probe_res: Optional[int] = None):
+                 timm_kwargs: Optional[Mapping] = None, probe_res: Optional[int] = None):
         self.names = tuple(names)
         self.res, self.batch, self.dtype = res, batch, dtype
         self.timm_kwargs = dict(timm_kwargs or {})
         self.probe_res = probe_res or res
-        self._fm, self._fm_error = _import_fastops_models(fastops_modules)
         self._timm: Dict[Tuple[str, str], torch.nn.Module] = {}
         self._fastops: Dict[Tuple[str, str], torch.nn.Module] = {}
         self._counts: Dict[Tuple[str, bool], Tuple[float, int, int]] = {}
@@ -91,16 +73,6 @@ class ModelBench:
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
-
-    def missing(self, name: str) -> Optional[str]:
-        """Why fastops.models cannot build `name`, or None."""
-        if self._fm is None:
-            return self._fm_error
-        have = self._fm.list_models()
-        if name in have:
-            return None
-        why = f"fastops.models has no {name!r} yet (list_models() = {have})"
-        return f"{why}; {self._fm_error}" if self._fm_error else why
 
     # Models, built once per (name, layout) and shared by the providers ----------------------------
 
@@ -116,7 +88,7 @@ class ModelBench:
         key = (name, layout)
         if key not in self._fastops:
             ref = self.timm_model(name, layout)
-            m = self._fm.create_model(name, fused=True)
+            m = fastops_models.create_model(name, fused=True)
             # timm's state_dict keys, as fastops.models promises: a mismatch is a bug in the model, not a skip.
             m.load_state_dict(ref.state_dict(), strict=True)
             self._fastops[key] = m.eval().to(device=bench_device(), dtype=self.dtype,
@@ -177,8 +149,7 @@ class ModelBench:
         return Case(op=OP, name=f"model.{name}-b{B}h{R}", layout=layout, mode=mode, flops=flops, bytes=nbytes,
                     make_inputs=make_inputs, providers=providers, grad_params=train, min_rounds=MODEL_ROUNDS,
                     marks=list(marks),
-                    meta={"model": name, "batch": B, "res": R, "dtype": self.dtype_name, "eval": not train,
-                          "fastops_missing": self.missing(name)})
+                    meta={"model": name, "batch": B, "res": R, "dtype": self.dtype_name, "eval": not train})
 
 
 class TimmModel(Provider):
@@ -204,9 +175,6 @@ class FastopsModel(Provider):
         self.bench, self.name, self.layout, self.backend, self.train = bench, name, layout, backend, train
 
     def why_not(self, device, inputs=None):
-        why = self.bench.missing(self.name)
-        if why is not None:
-            return why
         if self.backend == "triton":
             if backends.triton_interpreting():
                 return "TRITON_INTERPRET=1: the Triton interpreter is not a speed"
