@@ -64,6 +64,27 @@ def check_compile_fullgraph(backend: str, f, run, names):
                 assert_close(g, e, torch.float32, what)
 
 
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Wraps ``module.name`` so that each call appends to the returned list (the call still happens)."""
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def forbid_calls(monkeypatch, module, name: str) -> None:
+    """Makes any call of ``module.name`` fail the test."""
+    def boom(*args, **kwargs):
+        raise AssertionError(f"{module.__name__}.{name} was called")
+
+    monkeypatch.setattr(module, name, boom)
+
+
 def make_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     """Same values in another memory layout: contiguous NCHW, channels_last, or a non-contiguous view."""
     if layout == "contiguous":
@@ -106,4 +127,4 @@ def skip_unless_runnable(op: str, backend: str, *args):
 
 
 __all__ = ["fastops", "TOL", "LAYOUTS", "rel_err", "assert_close", "assert_close_reduced", "make_layout", "poison_allocator",
-           "backend_params", "skip_unless_runnable", "check_compile_fullgraph", "HAS_CUDA", "INTERPRET"]
+           "backend_params", "skip_unless_runnable", "check_compile_fullgraph", "count_calls", "forbid_calls", "HAS_CUDA", "INTERPRET"]

@@ -16,7 +16,7 @@ import fastops.nn.window_attention as wa_mod
 from fastops.nn import SwinTransformerBlock
 from fastops.models import create_model, list_models
 
-from ._util import rel_err
+from ._util import count_calls, forbid_calls, rel_err
 
 timm = pytest.importorskip("timm")
 
@@ -127,14 +127,7 @@ def test_train_step_matches_timm():
 
 
 def test_fused_calls_op_plain_never(monkeypatch):
-    calls = []
-    real = wa_mod.window_attention
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(wa_mod, "window_attention", spy)
+    calls = count_calls(monkeypatch, wa_mod, "window_attention")
     kw = dict(SMALL, img_size=64)
     theirs = _timm(**kw)
     x = torch.randn(1, 3, 64, 64)
@@ -143,10 +136,7 @@ def test_fused_calls_op_plain_never(monkeypatch):
         assert rel_err(_ours_from(theirs, **kw)(x), ref) <= TOL
     assert len(calls) == sum(SMALL["depths"])
 
-    def boom(*args, **kwargs):
-        raise AssertionError("fused=False called fastops.window_attention")
-
-    monkeypatch.setattr(wa_mod, "window_attention", boom)
+    forbid_calls(monkeypatch, wa_mod, "window_attention")
     with torch.no_grad():
         assert rel_err(_ours_from(theirs, fused=False, **kw)(x), ref) <= TOL
 

@@ -16,7 +16,7 @@ from fastops import backends
 from fastops.nn.layers import DropPath
 from fastops.nn.window_attention import SwinTransformerBlock, WindowAttention, relative_position_index
 
-from ._util import rel_err
+from ._util import count_calls, forbid_calls, rel_err
 
 timm = pytest.importorskip("timm")
 from timm.models import swin_transformer as ts  # noqa: E402
@@ -182,14 +182,7 @@ def test_drop_path_matches_timm():
 
 def test_fused_flag_selects_op(monkeypatch):
     """fused=True calls fastops.window_attention once per forward; fused=False never does (same result)."""
-    calls = []
-    real = wa_mod.window_attention
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(wa_mod, "window_attention", spy)
+    calls = count_calls(monkeypatch, wa_mod, "window_attention")
     kw = dict(dim=16, input_resolution=(9, 9), num_heads=2, window_size=4, shift_size=2)
     theirs = _timm_block(torch.float32, **kw).eval()
     fused = _ours_like(theirs, **kw).eval()
@@ -199,10 +192,7 @@ def test_fused_flag_selects_op(monkeypatch):
         assert rel_err(fused(x), ref) <= F32_TOL
     assert len(calls) == 1 and fused.fused
 
-    def boom(*args, **kwargs):
-        raise AssertionError("fused=False called fastops.window_attention")
-
-    monkeypatch.setattr(wa_mod, "window_attention", boom)
+    forbid_calls(monkeypatch, wa_mod, "window_attention")
     plain = _ours_like(theirs, fused=False, **kw).eval()
     assert not plain.fused
     with torch.no_grad():
