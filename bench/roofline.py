@@ -685,6 +685,46 @@ def geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def speedup_stats(rows: Sequence[Result], attr: str):
+    """(geomean, min, case at the min) of one speedup column (``x_eager`` / ``x_compile``) as strings, '-'
+    where nothing was measured."""
+    sel = [r for r in rows if getattr(r, attr)]
+    if not sel:
+        return "-", "-", ""
+    worst = min(sel, key=lambda r: getattr(r, attr))
+    return f"{geomean([getattr(r, attr) for r in sel]):.2f}", f"{getattr(worst, attr):.2f}", worst.case
+
+
+def verdict(x: Optional[float], bar: float) -> str:
+    return "-" if x is None else f"{x:.2f} (>= {bar:.1f}: {'PASS' if x >= bar else 'FAIL'})"
+
+
+def acceptance_lines(results: Sequence[Result], op: str, what: str, bars: Mapping[str, Optional[float]],
+                     modes: Sequence[str] = ("fwd",)) -> List[str]:
+    """Per fastops provider, dtype and mode: geomean and worst speedup over eager and compile across the op's
+    cases, and a PASS / FAIL against ``bars`` ({"x_eager": bar, "x_compile": bar}; None: no bar)."""
+    mine = [r for r in results if r.op == op]
+    fused = [p for p in FUSED_BACKENDS if any(r.provider == p for r in mine)]
+    if mine and not fused:
+        return [f"{op} summary: no fastops backend ran here (`python -m fastops info` says why)"]
+    lines = []
+    for prov in fused:
+        lines.append(f"{op} summary, provider {prov}: speedup over eager ({what}) and over torch.compile")
+        for dtype in sorted({r.meta.get("dtype", "") for r in mine}):
+            for mode in MODES:
+                rows = [r for r in mine if r.provider == prov and r.meta.get("dtype", "") == dtype and r.mode == mode]
+                if not rows:
+                    continue
+                parts = []
+                for attr in ("x_eager", "x_compile"):
+                    g, m, at = speedup_stats(rows, attr)
+                    bar = bars.get(attr) if mode in modes else None
+                    gv = verdict(float(g), bar) if bar is not None and g != "-" else g
+                    parts.append(f"{attr.replace('x_', '×')} geomean {gv}, min {m} ({at})")
+                lines.append(f"  {dtype} {mode}, {len(rows)} cases: " + "; ".join(parts))
+    return lines
+
+
 def fmt_time(s: float) -> str:
     if s < 1e-3:
         return f"{s * 1e6:.1f} µs"

@@ -33,7 +33,7 @@ import torch
 import fastops
 from fastops.reference import window_attention as reference
 from roofline import (FUSED_BACKENDS, MODES, Case, add_summary, bench_device, geomean, op_providers,
-                      parametrize)
+                      parametrize, speedup_stats, verdict)
 
 OP = "window_attention"
 BATCH = 8
@@ -127,19 +127,6 @@ def test_window_attention(time_case, case, provider):
 
 # Summary -------------------------------------------------------------------------------------------
 
-def _speedups(rows, attr):
-    """(geomean, min, case at the min) of one speedup column, '-' where nothing was measured."""
-    sel = [r for r in rows if getattr(r, attr)]
-    if not sel:
-        return "-", "-", ""
-    worst = min(sel, key=lambda r: getattr(r, attr))
-    return f"{geomean([getattr(r, attr) for r in sel]):.2f}", f"{getattr(worst, attr):.2f}", worst.case
-
-
-def _verdict(x, bar):
-    return "-" if x is None else f"{x:.2f} (>= {bar:.1f}: {'PASS' if x >= bar else 'FAIL'})"
-
-
 @add_summary
 def _summary(results, machine):
     mine = [r for r in results if r.op == OP]
@@ -160,7 +147,7 @@ def _summary(results, machine):
                             and r.meta["shift"] == shift]
                     if not rows:
                         continue
-                    (ge, me, ce), (gc, mc, cc) = _speedups(rows, "x_eager"), _speedups(rows, "x_compile")
+                    (ge, me, ce), (gc, mc, cc) = speedup_stats(rows, "x_eager"), speedup_stats(rows, "x_compile")
                     lines.append(f"  {dn:<7} {mode:<8} {shift:>5} {len(rows):>2}  {ge:>14}  {me:>10}  {ce:<36} "
                                  f"{gc:>16}  {mc:>12}  {cc:<36}")
         for dtype in DTYPES:
@@ -174,7 +161,7 @@ def _summary(results, machine):
             gc = geomean(xc) if xc else None
             lines.append(f"  acceptance {prov} {dn} forward, geomean over {len(fwd)} of {len(STAGES) * len(SHIFTS)} "
                          f"cases (4 stages x shift 0/3): "
-                         f"×eager {_verdict(ge, ACCEPT_X_EAGER)}, ×compile {_verdict(gc, ACCEPT_X_COMPILE)}")
+                         f"×eager {verdict(ge, ACCEPT_X_EAGER)}, ×compile {verdict(gc, ACCEPT_X_COMPILE)}")
             if machine.device == "cuda" and dtype == torch.float16:
                 met = "-" if ge is None else ("MET" if ge >= GOAL_X_EAGER_FP16_CUDA else "NOT MET")
                 lines.append(f"  goal {prov} float16 on CUDA forward: ×eager >= {GOAL_X_EAGER_FP16_CUDA:.1f}: "

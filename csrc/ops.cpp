@@ -69,6 +69,26 @@ TORCH_LIBRARY(fastops, m) {
   m.def("window_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, "
         "int[2] window_size, int[2] shift_size, Tensor? rel_pos_bias, float scale, Tensor? pad_qkv, "
         "bool bias_grad, bool pad_grad) -> (Tensor grad_qkv, Tensor grad_rel_pos_bias, Tensor grad_pad_qkv)");
+  // PVT spatial-reduction attention. q (B, N, C) contiguous (the q Linear's output), kv (B, Nr, 2C)
+  // contiguous (the kv Linear's output, channels [k | v], each num_heads x head_dim). Per head:
+  // softmax(scale * q k^T) v, written to out (B, N, C) in q's dtype; lse (B, num_heads, N) fp32 (fp64 for
+  // fp64 inputs): each query row's natural-log log-sum-exp of the scaled scores, kept for the backward.
+  m.def("sr_attention(Tensor q, Tensor kv, int num_heads, float scale) -> (Tensor out, Tensor lse)");
+  m.def("sr_attention_backward(Tensor grad_out, Tensor q, Tensor kv, Tensor out, Tensor lse, int num_heads, "
+        "float scale) -> (Tensor grad_q, Tensor grad_kv)");
+  // PVT's spatial reduction of the keys' and values' source: x (B, N, C) contiguous tokens of an (H, W) map
+  // (feat_size). linear=false: y = Conv2d(C, C, k = stride = sr_ratio)(x as a map), Nr = (H/sr)(W/sr);
+  // linear=true: y = Conv2d 1x1 (weight (C, C, 1, 1)) of AdaptiveAvgPool2d(7)(x), Nr = 49. Then
+  // out = LayerNorm(y) (eps, norm_weight, norm_bias), followed by exact GELU when linear. out (B, Nr, C) in
+  // x's dtype; y (B, Nr, C) and stats (B, Nr, 2) = [mean, rstd] of y's rows are fp32 (fp64 for fp64 inputs),
+  // kept for the backward.
+  m.def("spatial_reduction(Tensor x, int[2] feat_size, Tensor weight, Tensor? bias, Tensor norm_weight, "
+        "Tensor norm_bias, int sr_ratio, bool linear, float eps) -> (Tensor out, Tensor y, Tensor stats)");
+  // grad_bias is empty (numel 0) when bias_grad is false; every gradient is in x's dtype.
+  m.def("spatial_reduction_backward(Tensor grad_out, Tensor x, int[2] feat_size, Tensor weight, "
+        "Tensor norm_weight, Tensor norm_bias, Tensor y, Tensor stats, int sr_ratio, bool linear, "
+        "bool bias_grad) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_norm_weight, "
+        "Tensor grad_norm_bias)");
   m.def("_build_info() -> str", &build_info);
 }
 

@@ -5,6 +5,8 @@ Public ops (drop-in functions):
     squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual, out_act)
     cbam(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias, ...)
     window_attention(qkv, num_heads, window_size, shift_size=0, rel_pos_bias=None, scale=None, pad_qkv=None)
+    sr_attention(q, kv, num_heads, scale=None)
+    spatial_reduction(x, feat_size, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear=False, eps=1e-5)
 
 Modules: fastops.nn.DepthwiseConv2d. Model conversion: fastops.optimize(model).
 Backends and why each can or cannot run: ``python -m fastops info``.
@@ -14,7 +16,8 @@ __version__ = "0.1.0"
 from . import _ext  # noqa: F401  (loads fastops._C if it can)
 from . import backends  # noqa: F401
 from .backends import BackendUnavailable, use_backend  # noqa: F401
-from .ops import cbam, depthwise_conv2d, squeeze_excite, window_attention  # noqa: F401
+from .ops import (cbam, depthwise_conv2d, spatial_reduction, squeeze_excite, sr_attention,  # noqa: F401
+                  window_attention)
 from . import nn  # noqa: F401
 from .optimize import optimize  # noqa: F401
 from .info import info  # noqa: F401

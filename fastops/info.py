@@ -15,6 +15,10 @@ def _probe_inputs(op, device):
         return (torch.randn(1, 4, 8, 8, device=device),)
     if op == "window_attention":  # (qkv, head_dim, window tokens)
         return (torch.randn(1, 7, 7, 3 * 8, device=device), 4, 49)
+    if op == "sr_attention":  # (q, head_dim, Nr)
+        return (torch.randn(1, 49, 8, device=device), 4, 49)
+    if op == "spatial_reduction":  # (x, C, kernel size)
+        return (torch.randn(1, 49, 8, device=device), 8, 7)
     raise KeyError(op)
 
 
