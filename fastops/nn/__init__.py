@@ -2,3 +2,4 @@
 from .depthwise import DepthwiseConv2d  # noqa: F401
 from .attention import CbamModule, SqueezeExcite  # noqa: F401
 from .window_attention import SwinTransformerBlock, WindowAttention  # noqa: F401
+from .pvt import MlpWithDepthwiseConv, SRAttention  # noqa: F401
