@@ -1,4 +1,5 @@
 """Helpers shared by the op tests: error metric, tolerances, layouts, backends."""
+import contextlib
 import os
 
 import pytest
@@ -64,6 +65,17 @@ def check_compile_fullgraph(backend: str, f, run, names):
                 assert_close(g, e, torch.float32, what)
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """Runs the block with torch's intra-op thread count set to n (restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def count_calls(monkeypatch, module, name: str) -> list:
     """Wraps ``module.name`` so that each call appends to the returned list (the call still happens)."""
     calls = []
@@ -127,4 +139,4 @@ def skip_unless_runnable(op: str, backend: str, *args):
 
 
 __all__ = ["fastops", "TOL", "LAYOUTS", "rel_err", "assert_close", "assert_close_reduced", "make_layout", "poison_allocator",
-           "backend_params", "skip_unless_runnable", "check_compile_fullgraph", "count_calls", "forbid_calls", "HAS_CUDA", "INTERPRET"]
+           "backend_params", "skip_unless_runnable", "check_compile_fullgraph", "cpu_threads", "count_calls", "forbid_calls", "HAS_CUDA", "INTERPRET"]

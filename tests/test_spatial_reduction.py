@@ -9,8 +9,8 @@ import fastops
 from fastops import backends
 from fastops.reference import spatial_reduction as ref_spatial_reduction
 
-from ._util import (INTERPRET, TOL, assert_close, assert_close_reduced, check_compile_fullgraph, poison_allocator,
-                    skip_unless_runnable)
+from ._util import (INTERPRET, TOL, assert_close, assert_close_reduced, check_compile_fullgraph, cpu_threads,
+                    poison_allocator, skip_unless_runnable)
 
 OP = "spatial_reduction"
 
@@ -145,13 +145,9 @@ def test_cpu_random_shapes(b, h, w, c, sr, linear, bias):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_cpu_thread_counts(threads):
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with cpu_threads(threads):
         _check_all("cpu", CASES[0], torch.float32, "cpu")
         _check_all("cpu", CASES[5], torch.float32, "cpu")
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("case", [(2, 5, 4, 3, 2, False, True), (1, 4, 3, 3, 1, True, True)], ids=_case_id)

@@ -10,7 +10,8 @@ from fastops import backends
 from fastops.reference import sr_attention as ref_sr_attention
 from fastops.reference import spatial_reduction as ref_spatial_reduction
 
-from ._util import INTERPRET, TOL, assert_close, check_compile_fullgraph, poison_allocator, skip_unless_runnable
+from ._util import (INTERPRET, TOL, assert_close, check_compile_fullgraph, cpu_threads, poison_allocator,
+                    skip_unless_runnable)
 
 OP = "sr_attention"
 
@@ -119,13 +120,9 @@ def test_cpu_random_shapes(b, n, nr, nh, hd):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_cpu_thread_counts(threads):
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with cpu_threads(threads):
         _check_all("cpu", CASES[0], torch.float32, "cpu")
         _check_all("cpu", CASES[3], torch.float32, "cpu")
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("case", [(2, 5, 3, 2, 3), (1, 7, 9, 1, 4)], ids=_case_id)

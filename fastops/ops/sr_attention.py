@@ -70,7 +70,8 @@ def _cuda_limits(q, head_dim=1, nr=1) -> Optional[str]:
     if head_dim > CUDA_MAX_HEAD_DIM:
         return f"head_dim {head_dim}; the CUDA kernels take at most {CUDA_MAX_HEAD_DIM}"
     if q.shape[0] > CUDA_MAX_GRID or q.shape[-1] // head_dim > CUDA_MAX_GRID:
-        return f"batch {q.shape[0]} / {q.shape[-1] // head_dim} heads; the CUDA kernels take at most {CUDA_MAX_GRID} each"
+        return (f"batch {q.shape[0]} / {q.shape[-1] // head_dim} heads; the CUDA kernels take at most "
+                f"{CUDA_MAX_GRID} each")
     return None
 
 
