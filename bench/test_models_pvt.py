@@ -11,7 +11,7 @@ PVT's features are tokens, so channels_last changes little but the convolutions 
 
 The cases are slow (a CPU forward takes up to seconds, compiling a model minutes) and carry the ``slow``
 marker; ``-k model.pvt_v2`` selects them, ``-k model.pvt_v2_b0`` one model. The summary compares each fastops
-model with the better of timm eager and timm compiled.
+model with the better of timm eager and timm compiled (acceptance: pvt_v2_b0 >= 1.3x).
 """
 import torch
 
@@ -22,6 +22,7 @@ MODELS = ("pvt_v2_b0", "pvt_v2_b2")  # fastops.models names; timm's are the same
 BATCH = 8
 RES = 224
 DTYPE = torch.float32
+ACCEPT_X_BEST_TIMM = {"pvt_v2_b0": 1.3}
 
 LAYOUTS = model_layouts()
 # probe_res 64: PVTv2 takes any size whose stage maps are at least their reduction ratio (16x16 .. 2x2 here).
@@ -59,6 +60,13 @@ def _summary(results, machine):
                 cells.append(f"{fmt_time(tm) if tm else '-':>12} {x:>10}")
             label = f"{p} ({'fastops' if fused else 'timm'})"
             lines.append(f"  {'':<{len(layout)}}  {label:<18} " + " ".join(cells))
+        for m, bar in ACCEPT_X_BEST_TIMM.items():
+            base = [t[k] for k in ((m, layout, "eager"), (m, layout, "compile")) if k in t]
+            for p in FUSED_BACKENDS:
+                if (m, layout, p) in t and base:
+                    x = min(base) / t[(m, layout, p)]
+                    lines.append(f"  acceptance {m} {layout} {p}: ×best-timm {x:.2f} (>= {bar:.1f}: "
+                                 f"{'PASS' if x >= bar else 'FAIL'})")
     if not any(r.provider in FUSED_BACKENDS for r in mine):
         lines.append("  no fastops model ran here (`python -m fastops info` says why)")
     return lines

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/attn_kernels.h"
 #include "cpu/simd.h"
 
 namespace fastops {
@@ -25,163 +26,14 @@ namespace {
 constexpr const char* kFwd = "fastops.window_attention";
 constexpr const char* kBwd = "fastops.window_attention_backward";
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// ---------------------------------------------------------------------------------------------------------
-// Small dense products C = op(A) B, B row-major with a column count that is a multiple of the SIMD width.
-// A register tile of kRows rows x kVecs vectors: per step of the inner dimension it costs kVecs loads and
-// kRows broadcasts for kRows * kVecs FMAs, and 12 accumulators + 4 operands fit AVX2's 16 registers.
-constexpr int kRows = 3;
-constexpr int kVecs = 4;
-
-// op(A)[m][k] = A[m * lda + k], or with kTransA A[k * lda + m] (A^T B without materialising A^T).
-template <typename T, bool kTransA, int R, int NV>
-inline void micro(int64_t kd, const T* __restrict__ A, int64_t lda, const T* __restrict__ B, int64_t ldb,
-                  T* __restrict__ C, int64_t ldc) {
-  using S = simd::Vec<T>;
-  using V = typename S::V;
-  V acc[R][NV];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = S::splat(0);
-  for (int64_t k = 0; k < kd; ++k) {
-    const T* b = B + k * ldb;
-    V bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = S::load(b + v * S::N);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const V a = S::splat(kTransA ? A[k * lda + r] : A[r * lda + k]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] += a * bv[v];
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) S::store(C + r * ldc + v * S::N, acc[r][v]);
-}
-
-template <typename T, bool kTransA, int R>
-inline void micro_nv(int nv, int64_t kd, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
-  switch (nv) {
-    case 1: micro<T, kTransA, R, 1>(kd, A, lda, B, ldb, C, ldc); break;
-    case 2: micro<T, kTransA, R, 2>(kd, A, lda, B, ldb, C, ldc); break;
-    case 3: micro<T, kTransA, R, 3>(kd, A, lda, B, ldb, C, ldc); break;
-    default: micro<T, kTransA, R, 4>(kd, A, lda, B, ldb, C, ldc); break;
-  }
-}
-
-// C (M x nc, ldc) = op(A) (M x kd) B (kd x nc, ldb); nc a multiple of the SIMD width.
-template <typename T, bool kTransA>
-void gemm(int64_t M, int64_t nc, int64_t kd, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
-  constexpr int W = simd::Vec<T>::N;
-  static_assert(kVecs == 4 && kRows >= 1 && kRows <= 4, "micro_nv / the row switch below cover these");
-  const int64_t row_step = kTransA ? 1 : lda;
-  for (int64_t c0 = 0; c0 < nc; c0 += kVecs * W) {
-    const int nv = static_cast<int>(std::min<int64_t>(kVecs, (nc - c0) / W));
-    int64_t m = 0;
-    for (; m + kRows <= M; m += kRows)
-      micro_nv<T, kTransA, kRows>(nv, kd, A + m * row_step, lda, B + c0, ldb, C + m * ldc + c0, ldc);
-    switch (M - m) {
-      case 0: break;
-      case 1: micro_nv<T, kTransA, 1>(nv, kd, A + m * row_step, lda, B + c0, ldb, C + m * ldc + c0, ldc); break;
-      case 2: micro_nv<T, kTransA, 2>(nv, kd, A + m * row_step, lda, B + c0, ldb, C + m * ldc + c0, ldc); break;
-      default: micro_nv<T, kTransA, 3>(nv, kd, A + m * row_step, lda, B + c0, ldb, C + m * ldc + c0, ldc); break;
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// exp on a whole vector. fp32: Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial
-// (about 1 ulp), 2^n built in the exponent bits; inputs below the smallest normal's log give exactly 0 (the
-// -inf of padding key columns must become 0, never NaN). fp64 runs lane by lane through std::exp: it is
-// the accuracy path, not the fast one.
-template <typename T>
-struct VExp {
-  using V = typename simd::Vec<T>::V;
-  static inline V run(V x) {
-    V y;
-    for (int i = 0; i < simd::Vec<T>::N; ++i) y[i] = std::exp(x[i]);
-    return y;
-  }
-};
-
-template <>
-struct VExp<float> {
-  using S = simd::Vec<float>;
-  using V = S::V;
-  typedef int32_t VI __attribute__((vector_size(S::kBytes)));
-  static inline V run(V x) {
-    const V hi = S::splat(88.0f), lo = S::splat(-87.33654475f);
-    const VI under = x < lo;
-    x = x > hi ? hi : x;
-    x = x < lo ? lo : x;
-    // Adding 1.5 * 2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
-    const V magic = S::splat(12582912.0f);
-    const V t = x * S::splat(1.44269504088896341f) + magic;
-    const V fx = t - magic;
-    const VI n = __builtin_bit_cast(VI, t) - 0x4B400000;
-    V r = x - fx * S::splat(0.693359375f);
-    r = r - fx * S::splat(-2.12194440e-4f);
-    V p = S::splat(1.9875691500e-4f);
-    p = p * r + S::splat(1.3981999507e-3f);
-    p = p * r + S::splat(8.3334519073e-3f);
-    p = p * r + S::splat(4.1665795894e-2f);
-    p = p * r + S::splat(1.6666665459e-1f);
-    p = p * r + S::splat(5.0000001201e-1f);
-    p = p * (r * r) + r + S::splat(1.0f);
-    const VI e = (n + 127) << 23;
-    const V y = p * __builtin_bit_cast(V, e);
-    return under ? S::splat(0.0f) : y;
-  }
-};
-
-template <typename T>
-inline T hmax(typename simd::Vec<T>::V v) {
-  T m = v[0];
-  for (int i = 1; i < simd::Vec<T>::N; ++i) m = std::max(m, v[i]);
-  return m;
-}
-
-// Row copies with restrict-qualified pointers and explicit vectors: with run-time lengths GCC otherwise
-// vectorises these gathers badly (aliasing checks, scattered lanes) and they cost more than the products.
-template <typename S, typename T>
-inline void load_row(const S* __restrict__ src, T* __restrict__ dst, int64_t n, T mul) {
-  using Vt = simd::Vec<T>;
-  int64_t c = 0;
-  for (; c + Vt::N <= n; c += Vt::N) Vt::store(dst + c, Vt::load_from(src + c) * Vt::splat(mul));
-  for (; c < n; ++c) dst[c] = static_cast<T>(src[c]) * mul;
-}
-
-template <typename T, typename S>
-inline void store_row(const T* __restrict__ src, S* __restrict__ dst, int64_t n, T mul) {
-  using Vt = simd::Vec<T>;
-  int64_t c = 0;
-  for (; c + Vt::N <= n; c += Vt::N) Vt::store_to(dst + c, Vt::load(src + c) * Vt::splat(mul));
-  for (; c < n; ++c) dst[c] = static_cast<S>(src[c] * mul);
-}
-
-template <typename T>
-inline void add_row(const T* __restrict__ src, T* __restrict__ dst, int64_t n) {
-  using Vt = simd::Vec<T>;
-  int64_t c = 0;
-  for (; c + Vt::N <= n; c += Vt::N) Vt::store(dst + c, Vt::load(dst + c) + Vt::load(src + c));
-  for (; c < n; ++c) dst[c] += src[c];
-}
-
-// b[c * ldb + j] = a[j * lda + c], j < rows, c < cols; in strips of 8 rows so that the stores of one
-// column stay within one line.
-template <typename T>
-inline void transpose(const T* __restrict__ a, int64_t rows, int64_t cols, int64_t lda, T* __restrict__ b,
-                      int64_t ldb) {
-  for (int64_t j0 = 0; j0 < rows; j0 += 8) {
-    const int64_t j1 = std::min<int64_t>(j0 + 8, rows);
-    for (int64_t c = 0; c < cols; ++c)
-      for (int64_t j = j0; j < j1; ++j) b[c * ldb + j] = a[j * lda + c];
-  }
-}
+using attn::add_row;
+using attn::gemm;
+using attn::hmax;
+using attn::load_row;
+using attn::round_up;
+using attn::store_row;
+using attn::transpose;
+using attn::VExp;
 
 // ---------------------------------------------------------------------------------------------------------
 struct Geom {

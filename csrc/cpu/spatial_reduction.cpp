@@ -1,0 +1,524 @@
+// PVT spatial reduction on the CPU: strided Conv2d (or AdaptiveAvgPool2d(7) + 1x1 conv) from the token layout,
+// LayerNorm (+ exact GELU) fused as the epilogue; forward and backward, float / double / half / bf16.
+//
+// The conv is a GEMM y = A W with one row of A per output token r = (b, ry, rx). For a kernel row ky the
+// k taps of that row are k adjacent tokens, i.e. one contiguous run of k*C values of x: a row of A is k such
+// runs, read in place through row pointers (fp32 / fp64; half and bf16 are converted into a per-thread
+// buffer first). The weight is packed once per call to (ky, kx, ci) x C_out. Each thread owns whole output
+// rows, so the LayerNorm epilogue sees a finished row in cache. Arithmetic in at::opmath_type (fp32; fp64
+// for double).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "cpu/attn_kernels.h"
+#include "cpu/simd.h"
+
+namespace fastops {
+namespace {
+
+using attn::load_row;
+using attn::round_up;
+using attn::store_row;
+
+constexpr const char* kFwd = "fastops::spatial_reduction";
+constexpr const char* kBwd = "fastops::spatial_reduction_backward";
+constexpr int64_t kPool = 7;  // AdaptiveAvgPool2d(7) of the linear mode
+
+struct Geom {
+  int64_t B, H, W, N, C, k, Hr, Wr, Nr, K;  // K = k * k * C, the GEMM's inner dimension
+  bool linear;
+};
+
+void check_param(const char* op, const char* name, const at::Tensor& p, const at::Tensor& x,
+                 c10::IntArrayRef shape) {
+  TORCH_CHECK(p.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", p.sizes());
+  TORCH_CHECK(p.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", p.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(p.device().is_cpu(), op, ": ", name, " must be a CPU tensor here, got ", p.device());
+  TORCH_CHECK(p.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+Geom check_args(const char* op, const at::Tensor& x, c10::IntArrayRef feat_size, const at::Tensor& weight,
+                const at::Tensor& norm_weight, const at::Tensor& norm_bias, int64_t sr_ratio, bool linear) {
+  TORCH_CHECK(x.dim() == 3, op, ": x must be 3-D (B, N, C), got ", x.dim(), "-D");
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": x must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  TORCH_CHECK(feat_size.size() == 2, op, ": feat_size must have 2 values [H, W], got ", feat_size.size());
+  Geom g;
+  g.B = x.size(0); g.N = x.size(1); g.C = x.size(2); g.H = feat_size[0]; g.W = feat_size[1];
+  g.linear = linear;
+  TORCH_CHECK(g.H > 0 && g.W > 0 && g.H * g.W == g.N, op, ": feat_size ", feat_size,
+              " must be positive with H * W = N = ", g.N, " (x's dim 1)");
+  TORCH_CHECK(g.C > 0, op, ": x must have C >= 1 channels, got ", x.sizes());
+  TORCH_CHECK(sr_ratio >= 1, op, ": sr_ratio must be >= 1, got ", sr_ratio);
+  g.k = linear ? 1 : sr_ratio;
+  if (linear) {
+    g.Hr = g.Wr = kPool;
+  } else {
+    TORCH_CHECK(g.H >= g.k && g.W >= g.k, op, ": the map (", g.H, "x", g.W, ") must be at least sr_ratio = ", g.k,
+                " in each dimension");
+    g.Hr = g.H / g.k;
+    g.Wr = g.W / g.k;
+  }
+  g.Nr = g.Hr * g.Wr;
+  g.K = g.k * g.k * g.C;
+  check_param(op, "weight", weight, x, {g.C, g.C, g.k, g.k});
+  check_param(op, "norm_weight", norm_weight, x, {g.C});
+  check_param(op, "norm_bias", norm_bias, x, {g.C});
+  return g;
+}
+
+at::ScalarType acc_type_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Bounds of adaptive-pool bin i over n positions: [floor(i n / P), ceil((i + 1) n / P)).
+inline int64_t bin_start(int64_t i, int64_t n) { return i * n / kPool; }
+inline int64_t bin_end(int64_t i, int64_t n) { return ((i + 1) * n + kPool - 1) / kPool; }
+
+template <typename T>
+std::vector<T> to_acc(const at::Tensor& t, int64_t n, int64_t padded) {
+  std::vector<T> out(padded, T(0));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "to_acc", [&] {
+    const scalar_t* p = t.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(p[i]);
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The packed weight: column tiles of the micro-kernel's width (kNV vectors; the last one may be narrower),
+// each stored as its own contiguous (K x width) panel, so that a micro-kernel call streams one sequential
+// block of B instead of a strided one. Row j = (ky * k + kx) * C + ci of a panel holds weight[co, ci, ky, kx]
+// for the tile's co, zero past C.
+template <typename T>
+struct PackedW {
+  int64_t K = 0, Cp = 0, tile = 0;
+  std::unique_ptr<T[]> data;
+  int64_t width(int64_t n0) const { return std::min(tile, Cp - n0); }
+  const T* panel(int64_t n0) const { return data.get() + n0 * K; }  // tiles before n0 are all full width
+};
+
+template <typename scalar_t, typename T>
+PackedW<T> pack_weight(const Geom& g, const scalar_t* w) {
+  PackedW<T> p;
+  p.K = g.K;
+  p.Cp = round_up(g.C, simd::Vec<T>::N);
+  p.tile = attn::kVecs * simd::Vec<T>::N;
+  p.data.reset(new T[p.K * p.Cp]);
+  const int64_t C = g.C, k = g.k, kk = k * k;
+  // Tiles in parallel; inside, co runs innermost so that each written row of a panel is filled in one go
+  // while the tile's weight rows (co) are read as parallel sequential streams.
+  at::parallel_for(0, (p.Cp + p.tile - 1) / p.tile, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * p.tile, wd = p.width(n0), co1 = std::min(C, n0 + wd);
+      T* dst = p.data.get() + n0 * p.K;
+      for (int64_t ci = 0; ci < C; ++ci)
+        for (int64_t j = 0; j < kk; ++j) {
+          T* row = dst + (j * C + ci) * wd;
+          const scalar_t* src = w + ci * kk + j;
+          int64_t co = n0;
+          for (; co < co1; ++co) row[co - n0] = static_cast<T>(src[co * C * kk]);
+          for (; co < n0 + wd; ++co) row[co - n0] = T(0);
+        }
+    }
+  });
+  return p;
+}
+
+// acc (nrows x Cp) = A Wp for rows whose ky-th run (kC values) starts at rows[r] + ky * ky_stride. The inner
+// dimension goes in chunks (at most one run) whose packed weight (chunk x Cp) stays in L2 while every row
+// group of the block uses it; a row group's A chunk (6 rows) stays in L1 across the column tiles.
+template <typename T>
+void gemm_rows(int64_t nrows, const T* const* rows, int64_t ky_stride, int64_t nky, int64_t kC, const PackedW<T>& w,
+               int64_t kc, T* acc) {
+  constexpr int Wd = simd::Vec<T>::N, kMR = attn::kRows, kNV = attn::kVecs;
+  const int64_t Cp = w.Cp;
+  attn::RowPtrsA<T, kMR> a;
+  for (int64_t ky = 0; ky < nky; ++ky) {
+    for (int64_t c0 = 0; c0 < kC; c0 += kc) {
+      const int64_t kd = std::min(kc, kC - c0), j0 = ky * kC + c0;
+      const bool first = j0 == 0;
+      for (int64_t g0 = 0; g0 < nrows; g0 += kMR) {
+        const int R = static_cast<int>(std::min<int64_t>(kMR, nrows - g0));
+        for (int r = 0; r < R; ++r) a.p[r] = rows[g0 + r] + ky * ky_stride + c0;
+        // The next group's runs of this chunk, while this group computes: x is read once, from L3 or DRAM,
+        // and broadcast loads would otherwise wait on every line.
+        for (int64_t r = g0 + kMR; r < std::min(g0 + 2 * kMR, nrows); ++r)
+          attn::prefetch_rows(rows[r] + ky * ky_stride + c0, 1, 0, kd);
+        for (int64_t n0 = 0; n0 < Cp; n0 += w.tile) {
+          const int64_t wd = w.width(n0);
+          const int nv = static_cast<int>(wd / Wd);
+          const T* Bp = w.panel(n0) + j0 * wd;
+          if (first)
+            attn::micro_any<T, false, kMR, kNV>(R, nv, kd, a, Bp, wd, acc + g0 * Cp + n0, Cp);
+          else
+            attn::micro_any<T, true, kMR, kNV>(R, nv, kd, a, Bp, wd, acc + g0 * Cp + n0, Cp);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Exact GELU, z * Phi(z), with Phi from erfc so that the negative tail keeps its relative accuracy. fp32:
+// the Chebyshev-fitted erfc(u) = t exp(-u^2 + P(t)), t = 1 / (1 + u / 2) (fractional error < 1.2e-7 for all
+// u >= 0), on whole vectors with the shared vectorised exp; fp64: the C library, lane by lane.
+template <typename T>
+struct VGelu {
+  using V = typename simd::Vec<T>::V;
+  static inline V run(V z) {
+    V y;
+    for (int i = 0; i < simd::Vec<T>::N; ++i) y[i] = T(0.5) * z[i] * std::erfc(-z[i] * T(M_SQRT1_2));
+    return y;
+  }
+};
+
+template <>
+struct VGelu<float> {
+  using S = simd::Vec<float>;
+  using V = S::V;
+  static inline V run(V z) {
+    const V u = (z < S::splat(0.f) ? -z : z) * S::splat(0.70710678118654752f);
+    const V t = S::splat(1.f) / (S::splat(1.f) + S::splat(0.5f) * u);
+    V p = S::splat(0.17087277f);
+    p = p * t + S::splat(-0.82215223f);
+    p = p * t + S::splat(1.48851587f);
+    p = p * t + S::splat(-1.13520398f);
+    p = p * t + S::splat(0.27886807f);
+    p = p * t + S::splat(-0.18628806f);
+    p = p * t + S::splat(0.09678418f);
+    p = p * t + S::splat(0.37409196f);
+    p = p * t + S::splat(1.00002368f);
+    p = p * t + S::splat(-1.26551223f);
+    const V half_erfc = S::splat(0.5f) * t * attn::VExp<float>::run(p - u * u);  // Phi(-|z|)
+    const V phi = z < S::splat(0.f) ? half_erfc : S::splat(1.f) - half_erfc;
+    return z * phi;
+  }
+};
+
+// The epilogue of one output row: y = acc + bias (kept, fp32), LayerNorm statistics over the C channels,
+// out = LN(y) (then GELU in linear mode). p* are fp32 / fp64 parameter copies padded to Cp with zeros.
+template <typename T, typename scalar_t>
+inline void norm_row(const T* __restrict__ acc, int64_t C, const T* bias, const T* nw, const T* nb, T eps,
+                     bool gelu, T* __restrict__ y, T* __restrict__ stats, scalar_t* __restrict__ out,
+                     T* __restrict__ tmp) {
+  using S = simd::Vec<T>;
+  using V = typename S::V;
+  const int64_t full = C / S::N * S::N;
+  V sv = S::splat(T(0));
+  int64_t c = 0;
+  for (; c < full; c += S::N) {
+    const V v = S::load(acc + c) + S::load(bias + c);
+    S::store(tmp + c, v);
+    sv += v;
+  }
+  T sum = attn::hsum<T>(sv);
+  for (; c < C; ++c) {
+    tmp[c] = acc[c] + bias[c];
+    sum += tmp[c];
+  }
+  const T mean = sum / static_cast<T>(C);
+  const V mv = S::splat(mean);
+  V qv = S::splat(T(0));
+  for (c = 0; c < full; c += S::N) {
+    const V d = S::load(tmp + c) - mv;
+    qv += d * d;
+  }
+  T sq = attn::hsum<T>(qv);
+  for (; c < C; ++c) sq += (tmp[c] - mean) * (tmp[c] - mean);
+  const T rstd = T(1) / std::sqrt(sq / static_cast<T>(C) + eps);
+  stats[0] = mean;
+  stats[1] = rstd;
+  std::copy(tmp, tmp + C, y);
+  const V rv = S::splat(rstd);
+  // Whole vectors over the padded width: the padding lanes hold finite values and are not stored.
+  for (c = 0; c < C; c += S::N) {
+    V z = (S::load(tmp + c) - mv) * rv * S::load(nw + c) + S::load(nb + c);
+    if (gelu) z = VGelu<T>::run(z);
+    S::store(tmp + c, z);
+  }
+  store_row(tmp, out, C, T(1));
+}
+
+// Adaptive average pool of one image's tokens into a 7 x 7 grid: pooled (49 x C) for row bin i (fp32 / fp64).
+template <typename scalar_t, typename T>
+void pool_row_bin(const Geom& g, const scalar_t* xb, int64_t i, T* pooled, T* rowbuf) {
+  const int64_t C = g.C, h0 = bin_start(i, g.H), h1 = bin_end(i, g.H);
+  for (int64_t j = 0; j < kPool; ++j) {
+    T* dst = pooled + (i * kPool + j) * C;
+    std::fill(dst, dst + C, T(0));
+    const int64_t w0 = bin_start(j, g.W), w1 = bin_end(j, g.W);
+    for (int64_t hy = h0; hy < h1; ++hy)
+      for (int64_t wx = w0; wx < w1; ++wx) {
+        const scalar_t* src = xb + (hy * g.W + wx) * C;
+        if constexpr (std::is_same_v<scalar_t, T>) {
+          attn::add_row(src, dst, C);
+        } else {
+          load_row(src, rowbuf, C, T(1));
+          attn::add_row(rowbuf, dst, C);
+        }
+      }
+    attn::scale_row(dst, C, T(1) / static_cast<T>((h1 - h0) * (w1 - w0)));
+  }
+}
+
+template <typename scalar_t, typename T>
+void pool_all(const Geom& g, const scalar_t* px, T* pooled) {
+  at::parallel_for(0, g.B * kPool, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> rowbuf(g.C);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / kPool, i = t % kPool;
+      pool_row_bin(g, px + b * g.N * g.C, i, pooled + b * g.Nr * g.C, rowbuf.data());
+    }
+  });
+}
+
+// First value of output row r = (b, ry, rx) in x: its (ky = 0, kx = 0) tap.
+inline int64_t row_origin(const Geom& g, int64_t r) {
+  const int64_t b = r / g.Nr, rr = r % g.Nr, ry = rr / g.Wr, rx = rr % g.Wr;
+  return (b * g.N + ry * g.k * g.W + rx * g.k) * g.C;
+}
+
+template <typename scalar_t>
+void forward_kernel(const Geom& g, const at::Tensor& x, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& bias, const at::Tensor& norm_weight,
+                    const at::Tensor& norm_bias, double eps_d, at::Tensor& out, at::Tensor& y, at::Tensor& stats) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr bool kInPlace = std::is_same_v<T, scalar_t>;
+  constexpr int Wd = simd::Vec<T>::N;
+  const int64_t C = g.C, Cp = round_up(C, Wd), K = g.K, kC = g.k * C, M = g.B * g.Nr;
+  const scalar_t* px = x.data_ptr<scalar_t>();
+  const PackedW<T> Wp = pack_weight<scalar_t, T>(g, weight.data_ptr<scalar_t>());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const std::vector<T> bv = has_bias ? to_acc<T>(*bias, C, Cp) : std::vector<T>(Cp, T(0));
+  const std::vector<T> nw = to_acc<T>(norm_weight, C, Cp), nb = to_acc<T>(norm_bias, C, Cp);
+  const T eps = static_cast<T>(eps_d);
+  std::vector<T> pooled(g.linear ? M * C : 0);
+  if (g.linear) pool_all<scalar_t, T>(g, px, pooled.data());
+  scalar_t* po = out.data_ptr<scalar_t>();
+  T* py = y.data_ptr<T>();
+  T* ps = stats.data_ptr<T>();
+  // Row blocks: a multiple of the micro-kernel's rows. Inner chunks: equal parts of a run, at most 512 and
+  // with the packed weight's chunk within ~256 KB.
+  constexpr int64_t kMB = 8 * attn::kRows;
+  const int64_t kc_max = std::clamp<int64_t>(262144 / static_cast<int64_t>(Cp * sizeof(T)), 32, 512);
+  const int64_t nchunk = (kC + kc_max - 1) / kc_max, kc = (kC + nchunk - 1) / nchunk;
+  const int64_t ngroups = (M + attn::kRows - 1) / attn::kRows;
+
+  at::parallel_for(0, ngroups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<T> acc(kMB * Cp), tmp(Cp), abuf(!g.linear && !kInPlace ? kMB * K : 0);
+    std::vector<const T*> rows(kMB);
+    for (int64_t r0 = g0 * attn::kRows; r0 < std::min(M, g1 * attn::kRows); r0 += kMB) {
+      const int64_t nr = std::min({kMB, M - r0, g1 * attn::kRows - r0});
+      int64_t ky_stride = 0;
+      if (g.linear) {
+        for (int64_t i = 0; i < nr; ++i) rows[i] = &pooled[(r0 + i) * C];
+      } else if constexpr (kInPlace) {
+        for (int64_t i = 0; i < nr; ++i) rows[i] = px + row_origin(g, r0 + i);
+        ky_stride = g.W * C;
+      } else {
+        for (int64_t i = 0; i < nr; ++i) {
+          const scalar_t* src = px + row_origin(g, r0 + i);
+          T* dst = &abuf[i * K];
+          for (int64_t ky = 0; ky < g.k; ++ky) load_row(src + ky * g.W * C, dst + ky * kC, kC, T(1));
+          rows[i] = dst;
+        }
+        ky_stride = kC;
+      }
+      gemm_rows<T>(nr, rows.data(), ky_stride, g.k, kC, Wp, kc, acc.data());
+      for (int64_t i = 0; i < nr; ++i) {
+        const int64_t r = r0 + i;
+        norm_row<T, scalar_t>(&acc[i * Cp], C, bv.data(), nw.data(), nb.data(), eps, g.linear, py + r * C,
+                              ps + 2 * r, po + r * C, tmp.data());
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_reduction_cpu(
+    const at::Tensor& x, c10::IntArrayRef feat_size, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& norm_weight, const at::Tensor& norm_bias, int64_t sr_ratio, bool linear, double eps) {
+  const Geom g = check_args(kFwd, x, feat_size, weight, norm_weight, norm_bias, sr_ratio, linear);
+  if (bias.has_value() && bias->defined()) check_param(kFwd, "bias", *bias, x, {g.C});
+  const auto acc = acc_type_of(x);
+  at::Tensor out = at::empty({g.B, g.Nr, g.C}, x.options());
+  at::Tensor y = at::empty({g.B, g.Nr, g.C}, x.options().dtype(acc));
+  at::Tensor stats = at::empty({g.B, g.Nr, 2}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_reduction_cpu", [&] {
+    forward_kernel<scalar_t>(g, x, weight, bias, norm_weight, norm_bias, eps, out, y, stats);
+  });
+  return {out, y, stats};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward. Per row: dz = grad_out (times GELU'(z), z recomputed from y, stats and the norm parameters, in
+// linear mode); dy = rstd (g - mean(g) - xhat mean(g xhat)) with g = dz * norm_weight. The parameter sums over
+// rows go to partial sums of a fixed set of row chunks, added in chunk order (repeatable for any thread
+// count). The two dense products run in ATen (BLAS): grad_weight = dy^T A and dA = dy W, A the patch matrix
+// (or the pooled tokens); dA goes back to the pixels it was read from (each pixel is read by at most one
+// patch, since stride = kernel), or through the pooling bins.
+template <typename T>
+inline T gelu_grad(T z) {
+  return T(0.5) * std::erfc(-z * T(M_SQRT1_2)) + z * std::exp(T(-0.5) * z * z) * T(0.39894228040143267794);
+}
+
+template <typename scalar_t>
+void backward_kernel(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& weight,
+                     const at::Tensor& norm_weight, const at::Tensor& norm_bias, const at::Tensor& y,
+                     const at::Tensor& stats, bool bias_grad, at::Tensor& gx, at::Tensor& gw, at::Tensor& gb,
+                     at::Tensor& gnw, at::Tensor& gnb) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t C = g.C, K = g.K, kC = g.k * C, M = g.B * g.Nr;
+  const auto acc_t = y.scalar_type();
+  const std::vector<T> nw = to_acc<T>(norm_weight, C, C), nb = to_acc<T>(norm_bias, C, C);
+  const scalar_t* pgo = go.data_ptr<scalar_t>();
+  const scalar_t* px = x.data_ptr<scalar_t>();
+  const T* py = y.data_ptr<T>();
+  const T* pst = stats.data_ptr<T>();
+  at::Tensor dy = at::empty({M, C}, y.options());
+  T* pdy = dy.data_ptr<T>();
+  const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(M, 64));
+  std::vector<T> part(nch * 3 * C, T(0));  // per chunk: sum dz xhat | sum dz | sum dy
+
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> gbuf(C), xh(C);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      T* pw = &part[ch * 3 * C];
+      T* pb = pw + C;
+      T* pyb = pb + C;
+      for (int64_t r = M * ch / nch; r < M * (ch + 1) / nch; ++r) {
+        const T mean = pst[2 * r], rstd = pst[2 * r + 1];
+        const T* yr = py + r * C;
+        const scalar_t* gr = pgo + r * C;
+        T sg = 0, sgx = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const T xhat = (yr[c] - mean) * rstd;
+          T dz = static_cast<T>(gr[c]);
+          if (g.linear) dz *= gelu_grad<T>(xhat * nw[c] + nb[c]);
+          pw[c] += dz * xhat;
+          pb[c] += dz;
+          const T gc = dz * nw[c];
+          gbuf[c] = gc;
+          xh[c] = xhat;
+          sg += gc;
+          sgx += gc * xhat;
+        }
+        const T mg = sg / static_cast<T>(C), mgx = sgx / static_cast<T>(C);
+        T* dr = pdy + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          dr[c] = rstd * (gbuf[c] - mg - xh[c] * mgx);
+          pyb[c] += dr[c];
+        }
+      }
+    }
+  });
+  {
+    std::vector<T> tot(3 * C, T(0));
+    for (int64_t ch = 0; ch < nch; ++ch) attn::add_row(&part[ch * 3 * C], tot.data(), 3 * C);
+    store_row(tot.data(), gnw.data_ptr<scalar_t>(), C, T(1));
+    store_row(tot.data() + C, gnb.data_ptr<scalar_t>(), C, T(1));
+    if (bias_grad) store_row(tot.data() + 2 * C, gb.data_ptr<scalar_t>(), C, T(1));
+  }
+
+  // The patch matrix A (M x K), fp32 / fp64.
+  at::Tensor A = at::empty({M, K}, y.options());
+  T* pa = A.data_ptr<T>();
+  if (g.linear) {
+    pool_all<scalar_t, T>(g, px, pa);
+  } else {
+    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* src = px + row_origin(g, r);
+        for (int64_t ky = 0; ky < g.k; ++ky) load_row(src + ky * g.W * C, pa + r * K + ky * kC, kC, T(1));
+      }
+    });
+  }
+  // W as (C_out, (ky, kx, ci)), A's column order.
+  const at::Tensor Wm = weight.to(acc_t).permute({0, 2, 3, 1}).reshape({C, K});
+  gw.copy_(at::mm(dy.t(), A).view({C, g.k, g.k, C}).permute({0, 3, 1, 2}));
+  const at::Tensor dA = at::mm(dy, Wm);
+  const T* pda = dA.data_ptr<T>();
+  scalar_t* pgx = gx.data_ptr<scalar_t>();
+  if (g.linear) {
+    at::parallel_for(0, g.B * g.H, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<T> rowacc(g.W * C);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / g.H, hy = t % g.H;
+        std::fill(rowacc.begin(), rowacc.end(), T(0));
+        for (int64_t i = 0; i < kPool; ++i) {
+          const int64_t h0 = bin_start(i, g.H), h1 = bin_end(i, g.H);
+          if (hy < h0 || hy >= h1) continue;
+          for (int64_t j = 0; j < kPool; ++j) {
+            const int64_t w0 = bin_start(j, g.W), w1 = bin_end(j, g.W);
+            const T inv_area = T(1) / static_cast<T>((h1 - h0) * (w1 - w0));
+            const T* src = pda + (b * g.Nr + i * kPool + j) * C;
+            for (int64_t wx = w0; wx < w1; ++wx) {
+              T* dst = &rowacc[wx * C];
+              for (int64_t c = 0; c < C; ++c) dst[c] += src[c] * inv_area;
+            }
+          }
+        }
+        store_row(rowacc.data(), pgx + (b * g.N + hy * g.W) * C, g.W * C, T(1));
+      }
+    });
+  } else {
+    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* dst = pgx + row_origin(g, r);
+        for (int64_t ky = 0; ky < g.k; ++ky) store_row(pda + r * K + ky * kC, dst + ky * g.W * C, kC, T(1));
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> spatial_reduction_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, c10::IntArrayRef feat_size, const at::Tensor& weight,
+    const at::Tensor& norm_weight, const at::Tensor& norm_bias, const at::Tensor& y, const at::Tensor& stats,
+    int64_t sr_ratio, bool linear, bool bias_grad) {
+  const Geom g = check_args(kBwd, x, feat_size, weight, norm_weight, norm_bias, sr_ratio, linear);
+  const auto acc = acc_type_of(x);
+  const std::vector<int64_t> osz{g.B, g.Nr, g.C}, ssz{g.B, g.Nr, 2};
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(osz) && grad_out.scalar_type() == x.scalar_type() &&
+                  grad_out.device().is_cpu(),
+              kBwd, ": grad_out must be a CPU ", x.scalar_type(), " tensor of shape ", at::IntArrayRef(osz), ", got ",
+              grad_out.scalar_type(), " ", grad_out.sizes(), " on ", grad_out.device());
+  TORCH_CHECK(y.sizes() == at::IntArrayRef(osz) && y.scalar_type() == acc && y.device().is_cpu(), kBwd,
+              ": y must be the forward's CPU ", acc, " tensor of shape ", at::IntArrayRef(osz), ", got ",
+              y.scalar_type(), " ", y.sizes(), " on ", y.device());
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef(ssz) && stats.scalar_type() == acc && stats.device().is_cpu(), kBwd,
+              ": stats must be the forward's CPU ", acc, " tensor of shape ", at::IntArrayRef(ssz), ", got ",
+              stats.scalar_type(), " ", stats.sizes(), " on ", stats.device());
+  // Incoming gradients are often expanded or transposed views; the kernel reads them densely.
+  const at::Tensor go = grad_out.contiguous(), yc = y.contiguous(), sc = stats.contiguous();
+  // Pixels that no patch reads (rows / columns past Hr * k, Wr * k) get zero.
+  const bool covered = linear || (g.Hr * g.k == g.H && g.Wr * g.k == g.W);
+  at::Tensor gx = covered ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::zeros_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor gw = at::empty_like(weight, at::MemoryFormat::Contiguous);
+  at::Tensor gb = at::empty({bias_grad ? g.C : 0}, x.options());
+  at::Tensor gnw = at::empty({g.C}, x.options()), gnb = at::empty({g.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_reduction_backward_cpu", [&] {
+    backward_kernel<scalar_t>(g, go, x, weight, norm_weight, norm_bias, yc, sc, bias_grad, gx, gw, gb, gnw, gnb);
+  });
+  return {gx, gw, gb, gnw, gnb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastops, CPU, m) {
+  m.impl("spatial_reduction", &spatial_reduction_cpu);
+  m.impl("spatial_reduction_backward", &spatial_reduction_backward_cpu);
+}
+
+}  // namespace fastops
