@@ -39,6 +39,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cuda/attn_common.cuh"
 #include "cuda/channel_attn.cuh"
 
 namespace fastops {
@@ -58,7 +59,6 @@ constexpr int64_t kStreamBytes = 48 * 1024;    // K + V chunk size otherwise
 constexpr int kMaxTilesPerBlock = 8;
 constexpr int64_t kMinQueriesPerSplit = 256;
 constexpr int64_t kMaxQuerySplits = 64;
-constexpr int kStaticSmem = 48 * 1024;
 
 struct Geom {
   int64_t B, N, Nr;
@@ -79,12 +79,6 @@ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int round32(int v) { return (v + 31) & ~31; }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-
 // dst[r * ld + d] = mul * src[(row0 + r) * stride + col + d] for r < count; rows count .. rows - 1 are zeroed
 // (lanes past the last token read them).
 template <typename T>
@@ -95,6 +89,23 @@ __device__ __forceinline__ void load_rows(float* dst, int ld, const T* __restric
     const float v = r < count ? static_cast<float>(src[(row0 + r) * stride + col + d]) : 0.f;
     dst[r * ld + d] = v * mul;
   }
+}
+
+// Key chunk ch of batch b, head column qcol: K to ks, V to vs (stride ld, rows up to a multiple of 32), then
+// a barrier; returns its key count. load is false for a block's later tiles when K / V are resident.
+template <typename T>
+__device__ __forceinline__ int load_kv_chunk(float* ks, float* vs, const T* __restrict__ kv, const Geom& g, int64_t b,
+                                             int64_t qcol, int ch, bool load) {
+  const int j0 = ch * g.chunk;
+  const int nk = imin(g.chunk, static_cast<int>(g.Nr - j0));
+  if (load) {
+    const int64_t C2 = 2 * int64_t(g.C);
+    if (ch > 0) __syncthreads();  // the previous chunk is consumed
+    load_rows(ks, g.ld, kv, b * g.Nr + j0, C2, qcol, nk, round32(nk), g.hd, 1.f);
+    load_rows(vs, g.ld, kv, b * g.Nr + j0, C2, g.C + qcol, nk, round32(nk), g.hd, 1.f);
+  }
+  __syncthreads();
+  return nk;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -112,8 +123,8 @@ sr_attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ kv, T* __restr
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t b = blockIdx.z;
   const int h = blockIdx.y;
-  const int64_t C = g.C, C2 = 2 * C;
-  const int64_t qcol = int64_t(h) * hd, vcol = C + qcol;
+  const int64_t C = g.C;
+  const int64_t qcol = int64_t(h) * hd;
   const int t0 = blockIdx.x * g.tiles_per_block;
   const int t1 = imin(t0 + g.tiles_per_block, g.ntiles);
   const bool resident = g.nchunks == 1;
@@ -134,51 +145,16 @@ sr_attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ kv, T* __restr
     }
 
     for (int ch = 0; ch < g.nchunks; ++ch) {
-      const int j0 = ch * g.chunk;
-      const int nk = imin(g.chunk, static_cast<int>(g.Nr - j0));
-      if (!resident || t == t0) {
-        if (ch > 0) __syncthreads();  // the previous chunk is consumed
-        load_rows(ks, ld, kv, b * g.Nr + j0, C2, qcol, nk, round32(nk), hd, 1.f);
-        load_rows(vs, ld, kv, b * g.Nr + j0, C2, vcol, nk, round32(nk), hd, 1.f);
-      }
-      __syncthreads();
-
+      const int nk = load_kv_chunk(ks, vs, kv, g, b, qcol, ch, !resident || t == t0);
       for (int s0 = 0; s0 < nk; s0 += 32) {
         const int ns = imin(32, nk - s0);
         const bool jv = lane < ns;
-        const float* kr = ks + (s0 + lane) * ld;
         float s[kRowsPerWarp];
+        attn_cuda::row_dots(s, qs + warp * hd, kWarps * hd, ks + (s0 + lane) * ld, hd);
+        // the running max is finite: lane 0 always holds a key
 #pragma unroll
-        for (int k = 0; k < kRowsPerWarp; ++k) s[k] = 0.f;
-        for (int d = 0; d < hd; ++d) {
-          const float kd = kr[d];
-#pragma unroll
-          for (int k = 0; k < kRowsPerWarp; ++k) s[k] = fmaf(qs[(warp + kWarps * k) * hd + d], kd, s[k]);
-        }
-#pragma unroll
-        for (int k = 0; k < kRowsPerWarp; ++k) {
-          const float sk = jv ? s[k] : -INFINITY;
-          const float mn = fmaxf(m[k], warp_max(sk));  // finite: lane 0 always holds a key
-          const float alpha = __expf(m[k] - mn);
-          const float p = jv ? __expf(sk - mn) : 0.f;
-          l[k] = l[k] * alpha + attn_cuda::warp_sum(p);
-          m[k] = mn;
-#pragma unroll
-          for (int c = 0; c < HDV; ++c) o[k][c] *= alpha;
-          s[k] = p;
-        }
-        const float* vt = vs + s0 * ld;
-        for (int jj = 0; jj < ns; ++jj) {
-#pragma unroll
-          for (int k = 0; k < kRowsPerWarp; ++k) {
-            const float pj = __shfl_sync(0xffffffffu, s[k], jj);
-#pragma unroll
-            for (int c = 0; c < HDV; ++c) {
-              const int d = lane + 32 * c;
-              if (d < hd) o[k][c] = fmaf(pj, vt[jj * ld + d], o[k][c]);
-            }
-          }
-        }
+        for (int k = 0; k < kRowsPerWarp; ++k) s[k] = attn_cuda::online_softmax_step(s[k], jv, m[k], l[k], o[k]);
+        attn_cuda::accum_rows(o, s, vs + s0 * ld, ld, ns, hd);
       }
     }
 
@@ -188,13 +164,7 @@ sr_attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ kv, T* __restr
       if (rl >= nrows) continue;
       const int64_t i = r0 + rl;
       if (lane == 0) lse[(b * g.heads + h) * g.N + i] = m[k] + logf(l[k]);
-      const float inv = 1.f / l[k];
-      T* dst = out + (b * g.N + i) * C + qcol;
-#pragma unroll
-      for (int c = 0; c < HDV; ++c) {
-        const int d = lane + 32 * c;
-        if (d < hd) dst[d] = static_cast<T>(o[k][c] * inv);
-      }
+      attn_cuda::store_row(out + (b * g.N + i) * C + qcol, o[k], 1.f / l[k], hd);
     }
   }
 }
@@ -217,8 +187,8 @@ sr_attn_bwd_dq_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, c
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t b = blockIdx.z;
   const int h = blockIdx.y;
-  const int64_t C = g.C, C2 = 2 * C;
-  const int64_t qcol = int64_t(h) * hd, vcol = C + qcol;
+  const int64_t C = g.C;
+  const int64_t qcol = int64_t(h) * hd;
   const int64_t row_base = (b * g.heads + h) * g.N;
   const int t0 = blockIdx.x * g.tiles_per_block;
   const int t1 = imin(t0 + g.tiles_per_block, g.ntiles);
@@ -252,49 +222,19 @@ sr_attn_bwd_dq_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, c
     }
 
     for (int ch = 0; ch < g.nchunks; ++ch) {
-      const int j0 = ch * g.chunk;
-      const int nk = imin(g.chunk, static_cast<int>(g.Nr - j0));
-      if (!resident || t == t0) {
-        if (ch > 0) __syncthreads();  // the previous chunk is consumed
-        load_rows(ks, ld, kv, b * g.Nr + j0, C2, qcol, nk, round32(nk), hd, 1.f);
-        load_rows(vs, ld, kv, b * g.Nr + j0, C2, vcol, nk, round32(nk), hd, 1.f);
-      }
-      __syncthreads();
-
+      const int nk = load_kv_chunk(ks, vs, kv, g, b, qcol, ch, !resident || t == t0);
       for (int s0 = 0; s0 < nk; s0 += 32) {
         const int ns = imin(32, nk - s0);
         const bool jv = lane < ns;
-        const float* kr = ks + (s0 + lane) * ld;
-        const float* vr = vs + (s0 + lane) * ld;
         float s[kRowsPerWarp], dp[kRowsPerWarp];
-#pragma unroll
-        for (int k = 0; k < kRowsPerWarp; ++k) s[k] = dp[k] = 0.f;
-        for (int d = 0; d < hd; ++d) {
-          const float kd = kr[d], vd = vr[d];
-#pragma unroll
-          for (int k = 0; k < kRowsPerWarp; ++k) {
-            const int rl = warp + kWarps * k;
-            s[k] = fmaf(qs[rl * hd + d], kd, s[k]);
-            dp[k] = fmaf(dos[rl * hd + d], vd, dp[k]);
-          }
-        }
+        attn_cuda::row_dots2(s, qs + warp * hd, ks + (s0 + lane) * ld, dp, dos + warp * hd, vs + (s0 + lane) * ld,
+                             kWarps * hd, hd);
 #pragma unroll
         for (int k = 0; k < kRowsPerWarp; ++k) {
           const float p = jv ? __expf(s[k] - lse_r[k]) : 0.f;
           s[k] = p * (dp[k] - D[k]);
         }
-        const float* kt = ks + s0 * ld;
-        for (int jj = 0; jj < ns; ++jj) {
-#pragma unroll
-          for (int k = 0; k < kRowsPerWarp; ++k) {
-            const float dsj = __shfl_sync(0xffffffffu, s[k], jj);
-#pragma unroll
-            for (int c = 0; c < HDV; ++c) {
-              const int d = lane + 32 * c;
-              if (d < hd) dq[k][c] = fmaf(dsj, kt[jj * ld + d], dq[k][c]);
-            }
-          }
-        }
+        attn_cuda::accum_rows(dq, s, ks + s0 * ld, ld, ns, hd);
       }
     }
 
@@ -302,12 +242,7 @@ sr_attn_bwd_dq_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, c
     for (int k = 0; k < kRowsPerWarp; ++k) {
       const int rl = warp + kWarps * k;
       if (rl >= nrows) continue;
-      T* dst = grad_q + (b * g.N + r0 + rl) * C + qcol;
-#pragma unroll
-      for (int c = 0; c < HDV; ++c) {
-        const int d = lane + 32 * c;
-        if (d < hd) dst[d] = static_cast<T>(dq[k][c] * g.scale);
-      }
+      attn_cuda::store_row(grad_q + (b * g.N + r0 + rl) * C + qcol, dq[k], g.scale, hd);
     }
   }
 }
@@ -367,20 +302,9 @@ sr_attn_bwd_dkv_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, 
     for (int s0 = 0; s0 < ni; s0 += 32) {
       const int ns = imin(32, ni - s0);
       const bool live = lane < ns;
-      const float* qrow = qt + (s0 + lane) * ld;
-      const float* drow = dot + (s0 + lane) * ld;
       float s[kRowsPerWarp], dp[kRowsPerWarp];
-#pragma unroll
-      for (int k = 0; k < kRowsPerWarp; ++k) s[k] = dp[k] = 0.f;
-      for (int d = 0; d < hd; ++d) {
-        const float qd = qrow[d], dd = drow[d];
-#pragma unroll
-        for (int k = 0; k < kRowsPerWarp; ++k) {
-          const int rl = warp + kWarps * k;
-          s[k] = fmaf(qd, kr[rl * hd + d], s[k]);
-          dp[k] = fmaf(dd, vr[rl * hd + d], dp[k]);
-        }
-      }
+      attn_cuda::row_dots2(s, kr + warp * hd, qt + (s0 + lane) * ld, dp, vr + warp * hd, dot + (s0 + lane) * ld,
+                           kWarps * hd, hd);
       const float lse_i = lse_t[s0 + lane], D_i = d_t[s0 + lane];
 #pragma unroll
       for (int k = 0; k < kRowsPerWarp; ++k) {
@@ -388,23 +312,7 @@ sr_attn_bwd_dkv_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, 
         dp[k] = p * (dp[k] - D_i);
         s[k] = p;
       }
-      const float* qtt = qt + s0 * ld;
-      const float* dtt = dot + s0 * ld;
-      for (int ii = 0; ii < ns; ++ii) {
-#pragma unroll
-        for (int k = 0; k < kRowsPerWarp; ++k) {
-          const float pi = __shfl_sync(0xffffffffu, s[k], ii);
-          const float dsi = __shfl_sync(0xffffffffu, dp[k], ii);
-#pragma unroll
-          for (int c = 0; c < HDV; ++c) {
-            const int d = lane + 32 * c;
-            if (d < hd) {
-              dv[k][c] = fmaf(pi, dtt[ii * ld + d], dv[k][c]);
-              dk[k][c] = fmaf(dsi, qtt[ii * ld + d], dk[k][c]);
-            }
-          }
-        }
-      }
+      attn_cuda::accum_rows2(dv, s, dot + s0 * ld, dk, dp, qt + s0 * ld, ld, ns, hd);
     }
   }
 
@@ -529,31 +437,9 @@ size_t dkv_smem(const Geom& g) {
   return sizeof(float) * (2 * size_t(kRowTile) * g.hd + 2 * size_t(g.qtile) * g.ld + 2 * size_t(g.qtile));
 }
 
-// Above 48 KB a kernel must opt in to more dynamic shared memory, up to the device's per-block limit.
-template <typename Kernel>
-void prepare_smem(Kernel kernel, size_t bytes, const char* op) {
-  if (bytes <= static_cast<size_t>(kStaticSmem)) return;
-  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  TORCH_CHECK(bytes <= limit, "fastops.", op, " (cuda): needs ", bytes, " bytes of shared memory per block, the ",
-              "device allows ", limit);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
-
 dim3 query_grid(const Geom& g) {
   return dim3(static_cast<unsigned int>(attn_cuda::ceil_div(g.ntiles, g.tiles_per_block)),
               static_cast<unsigned int>(g.heads), static_cast<unsigned int>(g.B));
-}
-
-// Calls f(std::integral_constant<int, HDV>) with HDV = head-dim registers per lane.
-template <typename F>
-void dispatch_hdv(int hd, F&& f) {
-  if (hd <= 32) {
-    f(std::integral_constant<int, 1>{});
-  } else if (hd <= 64) {
-    f(std::integral_constant<int, 2>{});
-  } else {
-    f(std::integral_constant<int, 4>{});
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor> sr_attention_cuda(const at::Tensor& q, const at::Tensor& kv, int64_t num_heads,
@@ -567,9 +453,9 @@ std::tuple<at::Tensor, at::Tensor> sr_attention_cuda(const at::Tensor& q, const 
   const size_t smem = fwd_smem(g);
   ATTN_DISPATCH(q.scalar_type(), "sr_attention_cuda", [&] {
     using T = scalar_t;
-    dispatch_hdv(g.hd, [&](auto hdv) {
+    attn_cuda::dispatch_hdv(g.hd, [&](auto hdv) {
       constexpr int HDV = decltype(hdv)::value;
-      prepare_smem(sr_attn_fwd_kernel<T, HDV>, smem, kFwdOp);
+      attn_cuda::prepare_smem(sr_attn_fwd_kernel<T, HDV>, smem, kFwdOp);
       sr_attn_fwd_kernel<T, HDV><<<query_grid(g), kBlock, smem, stream>>>(
           q.const_data_ptr<T>(), kv.const_data_ptr<T>(), out.data_ptr<T>(), lse.data_ptr<float>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -609,16 +495,16 @@ std::tuple<at::Tensor, at::Tensor> sr_attention_backward_cuda(const at::Tensor& 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   ATTN_DISPATCH(q.scalar_type(), "sr_attention_backward_cuda", [&] {
     using T = scalar_t;
-    dispatch_hdv(g.hd, [&](auto hdv) {
+    attn_cuda::dispatch_hdv(g.hd, [&](auto hdv) {
       constexpr int HDV = decltype(hdv)::value;
       const size_t smem1 = dq_smem(g);
-      prepare_smem(sr_attn_bwd_dq_kernel<T, HDV>, smem1, kBwdOp);
+      attn_cuda::prepare_smem(sr_attn_bwd_dq_kernel<T, HDV>, smem1, kBwdOp);
       sr_attn_bwd_dq_kernel<T, HDV><<<query_grid(g), kBlock, smem1, stream>>>(
           grad_out.const_data_ptr<T>(), q.const_data_ptr<T>(), kv.const_data_ptr<T>(), out.const_data_ptr<T>(),
           lse.const_data_ptr<float>(), grad_q.data_ptr<T>(), dvec.data_ptr<float>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const size_t smem2 = dkv_smem(g);
-      prepare_smem(sr_attn_bwd_dkv_kernel<T, HDV>, smem2, kBwdOp);
+      attn_cuda::prepare_smem(sr_attn_bwd_dkv_kernel<T, HDV>, smem2, kBwdOp);
       const dim3 grid2(static_cast<unsigned int>(int64_t(g.nktiles) * g.splits), static_cast<unsigned int>(g.heads),
                        static_cast<unsigned int>(g.B));
       sr_attn_bwd_dkv_kernel<T, HDV><<<grid2, kBlock, smem2, stream>>>(

@@ -36,6 +36,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cuda/attn_common.cuh"
 #include "cuda/channel_attn.cuh"
 
 namespace fastops {
@@ -53,7 +54,6 @@ constexpr int kColTile = 32;                     // streamed tokens per shared t
 constexpr int kMaxHeadDim = 128;
 constexpr int kMaxTokens = 4096;
 constexpr float kMaskValue = -100.f;  // timm's value for scores across shift regions
-constexpr int kStaticSmem = 48 * 1024;
 
 struct Geom {
   int64_t H, W;  // map
@@ -101,12 +101,6 @@ __device__ __forceinline__ int region_of(const Geom& g, const Window& w, int i) 
   const int ty = i / g.ww;
   const int py = w.wy * g.wh + ty, px = w.wx * g.ww + (i - ty * g.ww);
   return region_1d(py, g.Hp, g.wh, g.sh) * 3 + region_1d(px, g.Wp, g.ww, g.sw);
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
 }
 
 // dst[r * ld + d] = mul * head slice d of token first + r, for r < rows (rows >= count are zero-filled).
@@ -177,40 +171,17 @@ window_attn_fwd_kernel(const T* __restrict__ qkv, const float* __restrict__ bias
     const bool jv = lane < nk;
     const int reg_j = jv ? region_of(g, win, j) : -1;
     float s[kRowsPerWarp];
-#pragma unroll
-    for (int k = 0; k < kRowsPerWarp; ++k) s[k] = 0.f;
-    for (int d = 0; d < hd; ++d) {
-      const float kd = ks[lane * ld + d];
-#pragma unroll
-      for (int k = 0; k < kRowsPerWarp; ++k) s[k] = fmaf(qs[(warp + kWarps * k) * hd + d], kd, s[k]);
-    }
+    attn_cuda::row_dots(s, qs + warp * hd, kWarps * hd, ks + lane * ld, hd);
 #pragma unroll
     for (int k = 0; k < kRowsPerWarp; ++k) {
       const int i = r0 + warp + kWarps * k;
       float sk = s[k];
       if (bias != nullptr && jv && i < N) sk += bias[(int64_t(h) * N + i) * N + j];
       if (g.shifted && reg_i[k] != reg_j) sk += kMaskValue;
-      sk = jv ? sk : -INFINITY;
-      const float mn = fmaxf(m[k], warp_max(sk));  // finite: key 0 of the first tile is always valid
-      const float alpha = __expf(m[k] - mn);
-      const float p = jv ? __expf(sk - mn) : 0.f;
-      l[k] = l[k] * alpha + attn_cuda::warp_sum(p);
-      m[k] = mn;
-#pragma unroll
-      for (int c = 0; c < HDV; ++c) o[k][c] *= alpha;
-      s[k] = p;
+      // the running max is finite: key 0 of the first tile is always valid
+      s[k] = attn_cuda::online_softmax_step(sk, jv, m[k], l[k], o[k]);
     }
-    for (int jj = 0; jj < nk; ++jj) {
-#pragma unroll
-      for (int k = 0; k < kRowsPerWarp; ++k) {
-        const float pj = __shfl_sync(0xffffffffu, s[k], jj);
-#pragma unroll
-        for (int c = 0; c < HDV; ++c) {
-          const int d = lane + 32 * c;
-          if (d < hd) o[k][c] = fmaf(pj, vs[jj * ld + d], o[k][c]);
-        }
-      }
-    }
+    attn_cuda::accum_rows(o, s, vs, ld, nk, hd);
   }
 
 #pragma unroll
@@ -220,14 +191,7 @@ window_attn_fwd_kernel(const T* __restrict__ qkv, const float* __restrict__ bias
     const int i = r0 + rl;
     const int64_t pix = token_pixel(g, win, i);
     if (lane == 0) lse[(bw * g.heads + h) * N + i] = pix >= 0 ? m[k] + logf(l[k]) : 0.f;
-    if (pix < 0) continue;
-    const float inv = 1.f / l[k];
-    T* dst = out + pix * g.C + qcol;
-#pragma unroll
-    for (int c = 0; c < HDV; ++c) {
-      const int d = lane + 32 * c;
-      if (d < hd) dst[d] = static_cast<T>(o[k][c] * inv);
-    }
+    if (pix >= 0) attn_cuda::store_row(out + pix * g.C + qcol, o[k], 1.f / l[k], hd);
   }
 }
 
@@ -294,17 +258,7 @@ window_attn_bwd_dq_kernel(const T* __restrict__ grad_out, const T* __restrict__ 
     const bool jv = lane < nk;
     const int reg_j = jv ? region_of(g, win, j) : -1;
     float s[kRowsPerWarp], dp[kRowsPerWarp];
-#pragma unroll
-    for (int k = 0; k < kRowsPerWarp; ++k) s[k] = dp[k] = 0.f;
-    for (int d = 0; d < hd; ++d) {
-      const float kd = ks[lane * ld + d], vd = vs[lane * ld + d];
-#pragma unroll
-      for (int k = 0; k < kRowsPerWarp; ++k) {
-        const int rl = warp + kWarps * k;
-        s[k] = fmaf(qs[rl * hd + d], kd, s[k]);
-        dp[k] = fmaf(dos[rl * hd + d], vd, dp[k]);
-      }
-    }
+    attn_cuda::row_dots2(s, qs + warp * hd, ks + lane * ld, dp, dos + warp * hd, vs + lane * ld, kWarps * hd, hd);
 #pragma unroll
     for (int k = 0; k < kRowsPerWarp; ++k) {
       const int i = r0 + warp + kWarps * k;
@@ -317,28 +271,12 @@ window_attn_bwd_dq_kernel(const T* __restrict__ grad_out, const T* __restrict__ 
       if (grad_bias != nullptr && live) atomicAdd(grad_bias + (int64_t(h) * N + i) * N + j, ds);
       s[k] = ds;
     }
-    for (int jj = 0; jj < nk; ++jj) {
-#pragma unroll
-      for (int k = 0; k < kRowsPerWarp; ++k) {
-        const float dsj = __shfl_sync(0xffffffffu, s[k], jj);
-#pragma unroll
-        for (int c = 0; c < HDV; ++c) {
-          const int d = lane + 32 * c;
-          if (d < hd) dq[k][c] = fmaf(dsj, ks[jj * ld + d], dq[k][c]);
-        }
-      }
-    }
+    attn_cuda::accum_rows(dq, s, ks, ld, nk, hd);
   }
 
 #pragma unroll
   for (int k = 0; k < kRowsPerWarp; ++k) {
-    if (!act[k]) continue;
-    T* dst = grad_qkv + pix_i[k] * g.C3 + qcol;
-#pragma unroll
-    for (int c = 0; c < HDV; ++c) {
-      const int d = lane + 32 * c;
-      if (d < hd) dst[d] = static_cast<T>(dq[k][c] * g.scale);
-    }
+    if (act[k]) attn_cuda::store_row(grad_qkv + pix_i[k] * g.C3 + qcol, dq[k], g.scale, hd);
   }
 }
 
@@ -404,17 +342,7 @@ window_attn_bwd_dkv_kernel(const T* __restrict__ grad_out, const T* __restrict__
     const int reg_i = reg_t[lane];
     const float lse_i = lse_t[lane], D_i = d_t[lane];
     float s[kRowsPerWarp], dp[kRowsPerWarp];
-#pragma unroll
-    for (int k = 0; k < kRowsPerWarp; ++k) s[k] = dp[k] = 0.f;
-    for (int d = 0; d < hd; ++d) {
-      const float qd = qt[lane * ld + d], dd = dot[lane * ld + d];
-#pragma unroll
-      for (int k = 0; k < kRowsPerWarp; ++k) {
-        const int rl = warp + kWarps * k;
-        s[k] = fmaf(qd, kr[rl * hd + d], s[k]);
-        dp[k] = fmaf(dd, vr[rl * hd + d], dp[k]);
-      }
-    }
+    attn_cuda::row_dots2(s, kr + warp * hd, qt + lane * ld, dp, vr + warp * hd, dot + lane * ld, kWarps * hd, hd);
 #pragma unroll
     for (int k = 0; k < kRowsPerWarp; ++k) {
       const int j = r0 + warp + kWarps * k;
@@ -425,21 +353,7 @@ window_attn_bwd_dkv_kernel(const T* __restrict__ grad_out, const T* __restrict__
       dp[k] = p * (dp[k] - D_i);
       s[k] = p;
     }
-    for (int ii = 0; ii < ni; ++ii) {
-#pragma unroll
-      for (int k = 0; k < kRowsPerWarp; ++k) {
-        const float pi = __shfl_sync(0xffffffffu, s[k], ii);
-        const float dsi = __shfl_sync(0xffffffffu, dp[k], ii);
-#pragma unroll
-        for (int c = 0; c < HDV; ++c) {
-          const int d = lane + 32 * c;
-          if (d < hd) {
-            dv[k][c] = fmaf(pi, dot[ii * ld + d], dv[k][c]);
-            dk[k][c] = fmaf(dsi, qt[ii * ld + d], dk[k][c]);
-          }
-        }
-      }
-    }
+    attn_cuda::accum_rows2(dv, s, dot, dk, dp, qt, ld, ni, hd);
   }
 
 #pragma unroll
@@ -567,32 +481,10 @@ size_t dkv_smem(const Geom& g) {
   return sizeof(float) * (2 * size_t(kRowTile) * g.hd + 2 * size_t(kColTile) * g.ld + 4 * size_t(kColTile));
 }
 
-// Above 48 KB a kernel must opt in to more dynamic shared memory, up to the device's per-block limit.
-template <typename Kernel>
-void prepare_smem(Kernel kernel, size_t bytes, const char* op) {
-  if (bytes <= static_cast<size_t>(kStaticSmem)) return;
-  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  TORCH_CHECK(bytes <= limit, "fastops.", op, " (cuda): needs ", bytes, " bytes of shared memory per block, the ",
-              "device allows ", limit);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
-
 dim3 grid_of(const at::Tensor& qkv, const Geom& g) {
   const int64_t rows = qkv.size(0) * int64_t(g.nW);
   return dim3(static_cast<unsigned int>(rows), static_cast<unsigned int>(g.heads),
               static_cast<unsigned int>(num_row_tiles(g)));
-}
-
-// Calls f(std::integral_constant<int, HDV>) with HDV = head-dim registers per lane.
-template <typename F>
-void dispatch_hdv(int hd, F&& f) {
-  if (hd <= 32) {
-    f(std::integral_constant<int, 1>{});
-  } else if (hd <= 64) {
-    f(std::integral_constant<int, 2>{});
-  } else {
-    f(std::integral_constant<int, 4>{});
-  }
 }
 
 const float* opt_ptr(const c10::optional<at::Tensor>& t) {
@@ -615,9 +507,9 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cuda(const at::Tensor& qkv, 
   const float* pad = opt_ptr(pad_qkv);
   ATTN_DISPATCH(qkv.scalar_type(), "window_attention_cuda", [&] {
     using T = scalar_t;
-    dispatch_hdv(g.hd, [&](auto hdv) {
+    attn_cuda::dispatch_hdv(g.hd, [&](auto hdv) {
       constexpr int HDV = decltype(hdv)::value;
-      prepare_smem(window_attn_fwd_kernel<T, HDV>, smem, kFwdOp);
+      attn_cuda::prepare_smem(window_attn_fwd_kernel<T, HDV>, smem, kFwdOp);
       window_attn_fwd_kernel<T, HDV><<<grid, kBlock, smem, stream>>>(qkv.const_data_ptr<T>(), bias, pad,
                                                                      out.data_ptr<T>(), lse.data_ptr<float>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -665,17 +557,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cuda(
   const float* pad = opt_ptr(pad_qkv);
   ATTN_DISPATCH(qkv.scalar_type(), "window_attention_backward_cuda", [&] {
     using T = scalar_t;
-    dispatch_hdv(g.hd, [&](auto hdv) {
+    attn_cuda::dispatch_hdv(g.hd, [&](auto hdv) {
       constexpr int HDV = decltype(hdv)::value;
       const size_t smem1 = dq_smem(g);
-      prepare_smem(window_attn_bwd_dq_kernel<T, HDV>, smem1, kBwdOp);
+      attn_cuda::prepare_smem(window_attn_bwd_dq_kernel<T, HDV>, smem1, kBwdOp);
       window_attn_bwd_dq_kernel<T, HDV><<<grid, kBlock, smem1, stream>>>(
           grad_out.const_data_ptr<T>(), qkv.const_data_ptr<T>(), out.const_data_ptr<T>(),
           lse.const_data_ptr<float>(), bias, pad, grad_qkv.data_ptr<T>(), dvec.data_ptr<float>(),
           bias_grad ? grad_bias.data_ptr<float>() : nullptr, g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const size_t smem2 = dkv_smem(g);
-      prepare_smem(window_attn_bwd_dkv_kernel<T, HDV>, smem2, kBwdOp);
+      attn_cuda::prepare_smem(window_attn_bwd_dkv_kernel<T, HDV>, smem2, kBwdOp);
       window_attn_bwd_dkv_kernel<T, HDV><<<grid, kBlock, smem2, stream>>>(
           grad_out.const_data_ptr<T>(), qkv.const_data_ptr<T>(), lse.const_data_ptr<float>(),
           dvec.const_data_ptr<float>(), bias, pad, grad_qkv.data_ptr<T>(),
