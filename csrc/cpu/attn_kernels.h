@@ -3,7 +3,10 @@
 // working buffers.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -28,6 +31,25 @@ inline V bcast_lanes(T a, std::index_sequence<I...>) {
 template <typename T>
 inline typename simd::Vec<T>::V bcast(T a) {
   return bcast_lanes<typename simd::Vec<T>::V>(a, std::make_index_sequence<simd::Vec<T>::N>{});
+}
+
+// Runs worker(grab) once on each of at::parallel_for's threads; grab(t0, t1) hands out the next `chunk` tasks
+// of [0, n) from a shared counter and returns false when none are left. A static split (one contiguous range
+// per thread) waits for its slowest thread, and on a machine shared with other work one thread is often
+// descheduled for a while; with a shared counter the others take over its tasks. Per-thread state lives in
+// the worker, outside the grab loop. Which thread runs a task must not change its result.
+template <typename Worker>
+void parallel_dynamic(int64_t n, int64_t chunk, const Worker& worker) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  auto grab = [&](int64_t& t0, int64_t& t1) {
+    t0 = next.fetch_add(chunk, std::memory_order_relaxed);
+    if (t0 >= n) return false;
+    t1 = std::min(n, t0 + chunk);
+    return true;
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) { worker(grab); });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -131,30 +153,20 @@ void gemm_packed(int64_t M, int64_t nc, int64_t kd, const T* A, int64_t lda, con
   constexpr int W = simd::Vec<T>::N;
   using Acc = std::conditional_t<kTransA, TransposedA<T>, RowMajorA<T>>;
   const Acc a{A, lda};
-  for (int64_t c0 = 0; c0 < nc; c0 += NV * W) {
+  auto tile = [&](int64_t m, int64_t c0) {
     const int64_t w = std::min<int64_t>(NV * W, nc - c0);
-    const T* Bp = B + c0 * kstride + koff * w;
-    for (int64_t m = 0; m < M; m += R) {
-      const int rows = static_cast<int>(std::min<int64_t>(R, M - m));
-      micro_any<T, kAccum, R, NV>(rows, static_cast<int>(w / W), kd, a.shift(m), Bp, w, C + m * ldc + c0, ldc);
-    }
-  }
-}
-
-// Packs get(r, c) (r < rows, c < cols) into gemm_packed's panels over colsp >= cols columns (a multiple of the
-// SIMD width), zero past cols.
-template <typename T, typename Get>
-void pack_panels(int64_t rows, int64_t cols, int64_t colsp, Get get, T* dst) {
-  constexpr int64_t tile = kVecs * simd::Vec<T>::N;
-  for (int64_t c0 = 0; c0 < colsp; c0 += tile) {
-    const int64_t w = std::min(tile, colsp - c0), c1 = std::min(cols, c0 + w);
-    T* panel = dst + c0 * rows;
-    for (int64_t r = 0; r < rows; ++r) {
-      T* row = panel + r * w;
-      int64_t c = c0;
-      for (; c < c1; ++c) row[c - c0] = get(r, c);
-      for (; c < c0 + w; ++c) row[c - c0] = T(0);
-    }
+    micro_any<T, kAccum, R, NV>(static_cast<int>(std::min<int64_t>(R, M - m)), static_cast<int>(w / W), kd,
+                                a.shift(m), B + c0 * kstride + koff * w, w, C + m * ldc + c0, ldc);
+  };
+  if (nc * kd * static_cast<int64_t>(sizeof(T)) <= 16384) {
+    // All of B fits in L1 next to A's row tile: row tiles outside, so that each row tile of A (R x kd) is
+    // fetched once and meets every panel from L1.
+    for (int64_t m = 0; m < M; m += R)
+      for (int64_t c0 = 0; c0 < nc; c0 += NV * W) tile(m, c0);
+  } else {
+    // Otherwise panels outside: one panel (kd x NV vectors) stays in L1 while the row tiles pass.
+    for (int64_t c0 = 0; c0 < nc; c0 += NV * W)
+      for (int64_t m = 0; m < M; m += R) tile(m, c0);
   }
 }
 
@@ -205,6 +217,45 @@ struct VExp<float> {
 
 // Horizontal max / sum in log2(N) shuffle steps (simd::Vec::sum adds lane by lane: a serial chain of N adds
 // that softmax rows would wait on).
+// 2^x on a whole vector, for softmax exponents already in base 2 (scale * log2(e) folded into the scores'
+// scale) and at most ~0 (the row max subtracted). fp32: x = n + r, |r| <= 1/2, 2^r by a degree-5 polynomial
+// fitted for relative error (< 2e-7), 2^n in the exponent bits; x < -126 (incl. the -inf of masked columns)
+// gives exactly 0. About half the operations of VExp: no ln 2 reduction, no upper range. fp64: std::exp2.
+template <typename T>
+struct VExp2 {
+  using V = typename simd::Vec<T>::V;
+  static inline V run(V x) {
+    V y;
+    for (int i = 0; i < simd::Vec<T>::N; ++i) y[i] = std::exp2(x[i]);
+    return y;
+  }
+};
+
+template <>
+struct VExp2<float> {
+  using S = simd::Vec<float>;
+  using V = S::V;
+  typedef int32_t VI __attribute__((vector_size(S::kBytes)));
+  static inline V run(V x) {
+    const V lo = S::splat(-127.0f), hi = S::splat(127.0f);
+    const VI under = x < S::splat(-126.0f);
+    x = x < lo ? lo : x;
+    x = x > hi ? hi : x;
+    const V magic = S::splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+    const V t = x + magic;
+    const V r = x - (t - magic);
+    V p = S::splat(1.3264811e-3f);
+    p = p * r + S::splat(9.6715129e-3f);
+    p = p * r + S::splat(5.5507335e-2f);
+    p = p * r + S::splat(2.4022242e-1f);
+    p = p * r + S::splat(6.9314698e-1f);
+    p = p * r + S::splat(1.0f);
+    const VI e = (__builtin_bit_cast(VI, t) - 0x4B400000 + 127) << 23;
+    const V y = p * __builtin_bit_cast(V, e);
+    return under ? S::splat(0.0f) : y;
+  }
+};
+
 template <int kShift, typename V, std::size_t... I>
 inline V rotate_lanes(V v, std::index_sequence<I...>) {
   return __builtin_shufflevector(v, v, ((I + kShift) % sizeof...(I))...);
@@ -274,6 +325,26 @@ inline T dot_row(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
   return s;
 }
 
+// In-register transpose of an 8 x 8 fp32 block: r[i][j] -> r[j][i] (unpack within 128-bit halves, then
+// pairs, then halves across), 24 shuffles for 64 values.
+inline void transpose8x8(simd::Vec<float>::V* r) {
+  using V = simd::Vec<float>::V;
+  V t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int h = 0; h < 2; ++h) {
+      u[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * h + 1] = __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
 // Prefetches rows r < rows of len elements at base + r * stride into L2, for reading or (kWrite) writing:
 // issued one task ahead, so that a task's operands stream in while the previous one computes.
 template <bool kWrite = false, typename S>
@@ -295,6 +366,53 @@ inline void transpose(const S* __restrict__ a, int64_t rows, int64_t cols, int64
     const int64_t j1 = std::min<int64_t>(j0 + 8, rows);
     for (int64_t c = 0; c < cols; ++c)
       for (int64_t j = j0; j < j1; ++j) b[c * ldb + j] = static_cast<T>(a[j * lda + c]);
+  }
+}
+
+// gemm_packed's panels of a (rows x cols) matrix stored row-major at src (row stride ld, any dtype), over
+// colsp >= cols columns (a multiple of the SIMD width), zero past cols.
+template <typename S, typename T>
+void pack_rows(const S* src, int64_t ld, int64_t rows, int64_t cols, int64_t colsp, T* dst) {
+  constexpr int64_t tile = kVecs * simd::Vec<T>::N;
+  for (int64_t c0 = 0; c0 < colsp; c0 += tile) {
+    const int64_t w = std::min(tile, colsp - c0), n = std::clamp<int64_t>(cols - c0, 0, w);
+    T* panel = dst + c0 * rows;
+    for (int64_t r = 0; r < rows; ++r) {
+      load_row(src + r * ld + c0, panel + r * w, n, T(1));
+      std::fill(panel + r * w + n, panel + (r + 1) * w, T(0));
+    }
+  }
+}
+
+// The same for the transpose: the packed matrix is (rows x cols) with element (r, c) = src[c * ld + r], i.e.
+// the panels' columns are src's rows. fp32 goes through 8 x 8 register transposes (whole-vector loads of 8
+// source rows, whole-vector stores), the rest element by element.
+template <typename S, typename T>
+void pack_transposed(const S* src, int64_t ld, int64_t rows, int64_t cols, int64_t colsp, T* dst) {
+  constexpr int64_t tile = kVecs * simd::Vec<T>::N;
+  for (int64_t c0 = 0; c0 < colsp; c0 += tile) {
+    const int64_t w = std::min(tile, colsp - c0), n = std::clamp<int64_t>(cols - c0, 0, w);
+    T* panel = dst + c0 * rows;
+    int64_t cb = 0;  // columns of this panel done by the transposes
+    if constexpr (std::is_same_v<T, float> && simd::Vec<T>::N == 8) {
+      using V = simd::Vec<float>;
+      for (; cb + 8 <= n; cb += 8) {
+        int64_t r = 0;
+        for (; r + 8 <= rows; r += 8) {
+          V::V blk[8];
+          for (int i = 0; i < 8; ++i) blk[i] = V::load_from(src + (c0 + cb + i) * ld + r);
+          transpose8x8(blk);
+          for (int i = 0; i < 8; ++i) V::store(panel + (r + i) * w + cb, blk[i]);
+        }
+        for (; r < rows; ++r)
+          for (int64_t c = cb; c < cb + 8; ++c) panel[r * w + c] = static_cast<T>(src[(c0 + c) * ld + r]);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      T* row = panel + r * w;
+      for (int64_t c = cb; c < n; ++c) row[c] = static_cast<T>(src[(c0 + c) * ld + r]);
+      std::fill(row + n, row + w, T(0));
+    }
   }
 }
 

@@ -63,11 +63,11 @@ Geom check_args(const char* op, const at::Tensor& x, c10::IntArrayRef feat_size,
   TORCH_CHECK(g.H > 0 && g.W > 0 && g.H * g.W == g.N, op, ": feat_size ", feat_size,
               " must be positive with H * W = N = ", g.N, " (x's dim 1)");
   TORCH_CHECK(g.C > 0, op, ": x must have C >= 1 channels, got ", x.sizes());
-  TORCH_CHECK(sr_ratio >= 1, op, ": sr_ratio must be >= 1, got ", sr_ratio);
-  g.k = linear ? 1 : sr_ratio;
+  g.k = linear ? 1 : sr_ratio;  // linear mode ignores sr_ratio
   if (linear) {
     g.Hr = g.Wr = kPool;
   } else {
+    TORCH_CHECK(sr_ratio >= 1, op, ": sr_ratio must be >= 1, got ", sr_ratio);
     TORCH_CHECK(g.H >= g.k && g.W >= g.k, op, ": the map (", g.H, "x", g.W, ") must be at least sr_ratio = ", g.k,
                 " in each dimension");
     g.Hr = g.H / g.k;
@@ -117,21 +117,36 @@ PackedW<T> pack_weight(const Geom& g, const scalar_t* w) {
   p.Cp = round_up(g.C, simd::Vec<T>::N);
   p.tile = attn::kVecs * simd::Vec<T>::N;
   p.data.reset(new T[p.K * p.Cp]);
-  const int64_t C = g.C, k = g.k, kk = k * k;
-  // Tiles in parallel; inside, co runs innermost so that each written row of a panel is filled in one go
-  // while the tile's weight rows (co) are read as parallel sequential streams.
-  at::parallel_for(0, (p.Cp + p.tile - 1) / p.tile, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * p.tile, wd = p.width(n0), co1 = std::min(C, n0 + wd);
-      T* dst = p.data.get() + n0 * p.K;
-      for (int64_t ci = 0; ci < C; ++ci)
-        for (int64_t j = 0; j < kk; ++j) {
-          T* row = dst + (j * C + ci) * wd;
-          const scalar_t* src = w + ci * kk + j;
-          int64_t co = n0;
-          for (; co < co1; ++co) row[co - n0] = static_cast<T>(src[co * C * kk]);
-          for (; co < n0 + wd; ++co) row[co - n0] = T(0);
+  const int64_t C = g.C, K = g.K, kk = g.k * g.k;
+  constexpr int64_t kB = simd::Vec<T>::N;  // output channels per block: one vector (an 8 x 8 transpose in fp32)
+  // Weight rows are K apart (a power of two in PVT, e.g. 16 KB): reading one value from each of 16 rows at a
+  // time maps them all onto one L1 set. Blocks of 8 rows x 8 consecutive values are transposed in registers
+  // instead, every load and store a whole vector.
+  at::parallel_for(0, (p.Cp + kB - 1) / kB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t co0 = blk * kB, nco = std::min(kB, C - co0), n0 = co0 / p.tile * p.tile, wd = p.width(n0);
+      T* dst = p.data.get() + n0 * K + (co0 - n0);
+      int64_t jj = 0;
+      if constexpr (std::is_same_v<T, float> && kB == 8) {
+        if (nco == kB) {
+          using S = simd::Vec<float>;
+          for (; jj + kB <= K; jj += kB) {
+            S::V r[kB];
+            for (int i = 0; i < kB; ++i) r[i] = S::load_from(w + (co0 + i) * K + jj);
+            attn::transpose8x8(r);
+            int64_t ci = jj / kk, tap = jj % kk;  // column jj = ci * kk + (ky * k + kx)
+            for (int c = 0; c < kB; ++c) {
+              S::store(dst + (tap * C + ci) * wd, r[c]);
+              if (++tap == kk) tap = 0, ++ci;
+            }
+          }
         }
+      }
+      for (; jj < K; ++jj) {
+        const int64_t ci = jj / kk, tap = jj % kk;
+        T* row = dst + (tap * C + ci) * wd;
+        for (int64_t i = 0; i < kB; ++i) row[i] = i < nco ? static_cast<T>(w[(co0 + i) * K + jj]) : T(0);
+      }
     }
   });
   return p;
@@ -252,36 +267,46 @@ inline void norm_row(const T* __restrict__ acc, int64_t C, const T* bias, const 
   store_row(tmp, out, C, T(1));
 }
 
+// The sum over a pooling bin's tokens of nv vectors of channels from c0, accumulated in registers.
+template <int NV, typename scalar_t, typename T>
+inline void bin_sum(const scalar_t* xb, int64_t W, int64_t C, int64_t h0, int64_t h1, int64_t w0, int64_t w1,
+                    int64_t c0, T inv_area, T* dst) {
+  using S = simd::Vec<T>;
+  typename S::V acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = S::splat(T(0));
+  for (int64_t hy = h0; hy < h1; ++hy)
+    for (int64_t wx = w0; wx < w1; ++wx) {
+      const scalar_t* src = xb + (hy * W + wx) * C + c0;
+      for (int v = 0; v < NV; ++v) acc[v] += S::load_from(src + v * S::N);
+    }
+  for (int v = 0; v < NV; ++v) S::store(dst + c0 + v * S::N, acc[v] * S::splat(inv_area));
+}
+
 // Adaptive average pool of one image's tokens into a 7 x 7 grid: pooled (49 x C) for row bin i (fp32 / fp64).
 template <typename scalar_t, typename T>
-void pool_row_bin(const Geom& g, const scalar_t* xb, int64_t i, T* pooled, T* rowbuf) {
-  const int64_t C = g.C, h0 = bin_start(i, g.H), h1 = bin_end(i, g.H);
+void pool_row_bin(const Geom& g, const scalar_t* xb, int64_t i, T* pooled) {
+  constexpr int64_t Wd = simd::Vec<T>::N, kChunk = 8;  // vectors summed in registers at a time
+  const int64_t C = g.C, Cv = C / Wd * Wd, h0 = bin_start(i, g.H), h1 = bin_end(i, g.H);
   for (int64_t j = 0; j < kPool; ++j) {
     T* dst = pooled + (i * kPool + j) * C;
-    std::fill(dst, dst + C, T(0));
     const int64_t w0 = bin_start(j, g.W), w1 = bin_end(j, g.W);
-    for (int64_t hy = h0; hy < h1; ++hy)
-      for (int64_t wx = w0; wx < w1; ++wx) {
-        const scalar_t* src = xb + (hy * g.W + wx) * C;
-        if constexpr (std::is_same_v<scalar_t, T>) {
-          attn::add_row(src, dst, C);
-        } else {
-          load_row(src, rowbuf, C, T(1));
-          attn::add_row(rowbuf, dst, C);
-        }
-      }
-    attn::scale_row(dst, C, T(1) / static_cast<T>((h1 - h0) * (w1 - w0)));
+    const T inv_area = T(1) / static_cast<T>((h1 - h0) * (w1 - w0));
+    int64_t c0 = 0;
+    for (; c0 + kChunk * Wd <= Cv; c0 += kChunk * Wd) bin_sum<kChunk>(xb, g.W, C, h0, h1, w0, w1, c0, inv_area, dst);
+    for (; c0 < Cv; c0 += Wd) bin_sum<1>(xb, g.W, C, h0, h1, w0, w1, c0, inv_area, dst);
+    for (; c0 < C; ++c0) {
+      T acc = 0;
+      for (int64_t hy = h0; hy < h1; ++hy)
+        for (int64_t wx = w0; wx < w1; ++wx) acc += static_cast<T>(xb[(hy * g.W + wx) * C + c0]);
+      dst[c0] = acc * inv_area;
+    }
   }
 }
 
 template <typename scalar_t, typename T>
 void pool_all(const Geom& g, const scalar_t* px, T* pooled) {
   at::parallel_for(0, g.B * kPool, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> rowbuf(g.C);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / kPool, i = t % kPool;
-      pool_row_bin(g, px + b * g.N * g.C, i, pooled + b * g.Nr * g.C, rowbuf.data());
-    }
+    for (int64_t t = t0; t < t1; ++t) pool_row_bin(g, px + t / kPool * g.N * g.C, t % kPool, pooled + t / kPool * g.Nr * g.C);
   });
 }
 
@@ -310,18 +335,23 @@ void forward_kernel(const Geom& g, const at::Tensor& x, const at::Tensor& weight
   scalar_t* po = out.data_ptr<scalar_t>();
   T* py = y.data_ptr<T>();
   T* ps = stats.data_ptr<T>();
-  // Row blocks: a multiple of the micro-kernel's rows. Inner chunks: equal parts of a run, at most 512 and
-  // with the packed weight's chunk within ~256 KB.
-  constexpr int64_t kMB = 8 * attn::kRows;
+  // Row blocks: as many rows as keep their accumulators within ~64 KB (each block streams the whole packed
+  // weight through L2 once per call, so bigger blocks read it less often), but at least ~4 blocks per
+  // thread for balance; a multiple of the micro-kernel's rows. Inner chunks: equal parts of a run, at most
+  // 512 and with the packed weight's chunk within ~256 KB.
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t MB = round_up(std::clamp<int64_t>(std::min<int64_t>(65536 / static_cast<int64_t>(Cp * sizeof(T)),
+                                                                    (M + 4 * nthreads - 1) / (4 * nthreads)),
+                                                  attn::kRows, 512),
+                              attn::kRows);
   const int64_t kc_max = std::clamp<int64_t>(262144 / static_cast<int64_t>(Cp * sizeof(T)), 32, 512);
   const int64_t nchunk = (kC + kc_max - 1) / kc_max, kc = (kC + nchunk - 1) / nchunk;
-  const int64_t ngroups = (M + attn::kRows - 1) / attn::kRows;
-
-  at::parallel_for(0, ngroups, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<T> acc(kMB * Cp), tmp(Cp), abuf(!g.linear && !kInPlace ? kMB * K : 0);
-    std::vector<const T*> rows(kMB);
-    for (int64_t r0 = g0 * attn::kRows; r0 < std::min(M, g1 * attn::kRows); r0 += kMB) {
-      const int64_t nr = std::min({kMB, M - r0, g1 * attn::kRows - r0});
+  attn::parallel_dynamic((M + MB - 1) / MB, 1, [&](auto&& grab) {
+    std::vector<T> acc(MB * Cp), tmp(Cp), abuf(!g.linear && !kInPlace ? MB * K : 0);
+    std::vector<const T*> rows(MB);
+    int64_t t0, t1;
+    while (grab(t0, t1)) {
+      const int64_t r0 = t0 * MB, nr = std::min(MB, M - r0);
       int64_t ky_stride = 0;
       if (g.linear) {
         for (int64_t i = 0; i < nr; ++i) rows[i] = &pooled[(r0 + i) * C];
