@@ -56,12 +56,9 @@ def _sra_load_kv(kv_ptr, b, j, j_ok, ch, d_ok, NR, C, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _sra_fwd_kernel(
-    q_ptr, kv_ptr, out_ptr, lse_ptr,
-    N, NR, C, NH, HD, NQB, scale,
-    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+def _sra_query_block(N, C, NH, HD, NQB, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch * head, query block): bh, batch b (int64), query rows i and their mask, the head's
+    channels ch and their mask, and the (rows x channels) mask and offsets into q / out / grad_out."""
     pid = tl.program_id(0)
     bh = pid // NQB
     mb = pid - bh * NQB
@@ -74,6 +71,17 @@ def _sra_fwd_kernel(
     ch = h * HD + d
     qm = i_ok[:, None] & d_ok[None, :]
     qoff = (b * N + i)[:, None] * C + ch[None, :]
+    return bh, b, i, i_ok, ch, d_ok, qm, qoff
+
+
+@triton.jit
+def _sra_fwd_kernel(
+    q_ptr, kv_ptr, out_ptr, lse_ptr,
+    N, NR, C, NH, HD, NQB, scale,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh, b, i, i_ok, ch, d_ok, qm, qoff = _sra_query_block(N, C, NH, HD, NQB, BLOCK_M, BLOCK_D)
     q = tl.load(q_ptr + qoff, mask=qm, other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
@@ -107,18 +115,7 @@ def _sra_bwd_dq_kernel(
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = pid // NQB
-    mb = pid - bh * NQB
-    b = (bh // NH).to(tl.int64)
-    h = bh % NH
-    i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    i_ok = i < N
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HD
-    ch = h * HD + d
-    qm = i_ok[:, None] & d_ok[None, :]
-    qoff = (b * N + i)[:, None] * C + ch[None, :]
+    bh, b, i, i_ok, ch, d_ok, qm, qoff = _sra_query_block(N, C, NH, HD, NQB, BLOCK_M, BLOCK_D)
     q = tl.load(q_ptr + qoff, mask=qm, other=0.0)
     do = tl.load(go_ptr + qoff, mask=qm, other=0.0)
     o = tl.load(out_ptr + qoff, mask=qm, other=0.0)
