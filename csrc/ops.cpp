@@ -89,6 +89,32 @@ TORCH_LIBRARY(fastops, m) {
         "Tensor norm_weight, Tensor norm_bias, Tensor y, Tensor stats, int sr_ratio, bool linear, "
         "bool bias_grad) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_norm_weight, "
         "Tensor grad_norm_bias)");
+  // BatchNorm (+ residual) + activation on x (N, C, H, W), NCHW or channels_last (out has x's layout):
+  //   out = act((x - mean) * rsqrt(var + eps) * weight + bias + residual),
+  // act one of none, relu, relu6, silu, gelu (exact), hardswish. weight / bias / mean / var are fp32 (C,)
+  // (weight None = 1, bias None = 0). training=false: mean / var are the running statistics (required).
+  // training=true: mean / var are ignored; the batch mean and biased variance over (N, H, W) are used.
+  // save_mean / save_var (fp32 (C,)) are the statistics used (new tensors), kept for the backward; the
+  // caller updates running statistics from them. residual, when given, has x's shape, dtype and layout.
+  m.def("bn_act(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? var, Tensor? residual, "
+        "float eps, str act, bool training) -> (Tensor out, Tensor save_mean, Tensor save_var)");
+  // grad_x and grad_residual in x's dtype and layout (grad_residual is empty, numel 0, without residual);
+  // grad_weight and grad_bias fp32 (C,). training=true differentiates through the batch statistics.
+  m.def("bn_act_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor save_mean, "
+        "Tensor save_var, Tensor? residual, float eps, str act, bool training) -> (Tensor grad_x, "
+        "Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+  // Convolution with a fused epilogue: out = act(conv2d(x, weight, groups) + bias + residual).
+  // x (N, Cin, H, W) NCHW or channels_last (out has x's layout); weight (Cout, Cin/groups, kh, kw) in x's
+  // dtype; bias fp32 (Cout,) or None; residual the output's shape, dtype and layout, or None; padding is
+  // [top, left, bottom, right]; act as in bn_act. Accumulation in fp32.
+  m.def("conv_bias_act(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[4] padding, "
+        "int[2] dilation, int groups, str act) -> Tensor");
+  // out is the forward's output (relu / relu6 / none take act' from it; other acts recompute the
+  // pre-activation). grad_x, grad_weight and grad_residual in x's dtype (grad_residual empty without
+  // residual); grad_bias fp32 (Cout,) (empty when bias is None).
+  m.def("conv_bias_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? residual, "
+        "Tensor out, int[2] stride, int[4] padding, int[2] dilation, int groups, str act) -> (Tensor grad_x, "
+        "Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   m.def("_build_info() -> str", &build_info);
 }
 

@@ -41,3 +41,33 @@ def autocast_inputs(device_type: str, *tensors):
         dt = torch.get_autocast_dtype(device_type)
         return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
     return tensors
+
+
+def conv_padding(op: str, padding, kh: int, kw: int, stride, dilation):
+    """int / pair / "same" / "valid" -> [top, left, bottom, right] (PyTorch's "same": extra pad at the end)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0, 0, 0]
+        if padding == "same":
+            if tuple(stride) != (1, 1):
+                raise ValueError(f"fastops.{op}: padding='same' needs stride 1 (as in F.conv2d), got stride={stride}")
+            th, tw = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+            return [th // 2, tw // 2, th - th // 2, tw - tw // 2]
+        raise ValueError(f"fastops.{op}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    ph, pw = pair(op, "padding", padding, 0)
+    return [ph, pw, ph, pw]
+
+
+def conv_output_hw(h, w, kh, kw, stride, padding, dilation):
+    """Output height and width of a convolution with padding [top, left, bottom, right]."""
+    top, left, bottom, right = padding
+    oh = (h + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+def dilated_kernel_fits(op: str, x: torch.Tensor, kh: int, kw: int, pad, dilation) -> None:
+    eff_h, eff_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    if x.shape[2] + pad[0] + pad[2] < eff_h or x.shape[3] + pad[1] + pad[3] < eff_w:
+        raise ValueError(f"fastops.{op}: the dilated kernel ({eff_h}x{eff_w}) is larger than the padded input "
+                         f"x ({x.shape[2] + pad[0] + pad[2]}x{x.shape[3] + pad[1] + pad[3]})")

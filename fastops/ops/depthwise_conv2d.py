@@ -13,25 +13,11 @@ MAX_KERNEL = 31
 
 
 def output_hw(h, w, kh, kw, stride, padding, dilation):
-    top, left, bottom, right = padding
-    oh = (h + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return oh, ow
+    return _checks.conv_output_hw(h, w, kh, kw, stride, padding, dilation)
 
 
 def _padding4(padding, kh, kw, stride, dilation):
-    """int / pair / "same" / "valid" -> [top, left, bottom, right] (PyTorch's "same": extra pad at the end)."""
-    if isinstance(padding, str):
-        if padding == "valid":
-            return [0, 0, 0, 0]
-        if padding == "same":
-            if stride != (1, 1):
-                raise ValueError(f"fastops.{OP}: padding='same' needs stride 1 (as in F.conv2d), got stride={stride}")
-            th, tw = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
-            return [th // 2, tw // 2, th - th // 2, tw - tw // 2]
-        raise ValueError(f"fastops.{OP}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-    ph, pw = _checks.pair(OP, "padding", padding, 0)
-    return [ph, pw, ph, pw]
+    return _checks.conv_padding(OP, padding, kh, kw, stride, dilation)
 
 
 def depthwise_conv2d(
@@ -82,10 +68,7 @@ def depthwise_conv2d(
     stride = _checks.pair(OP, "stride", stride, 1)
     dilation = _checks.pair(OP, "dilation", dilation, 1)
     pad = _padding4(padding, kh, kw, stride, dilation)
-    eff_h, eff_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
-    if x.shape[2] + pad[0] + pad[2] < eff_h or x.shape[3] + pad[1] + pad[3] < eff_w:
-        raise ValueError(f"fastops.{OP}: the dilated kernel ({eff_h}x{eff_w}) is larger than the padded input "
-                         f"x ({x.shape[2] + pad[0] + pad[2]}x{x.shape[3] + pad[1] + pad[3]})")
+    _checks.dilated_kernel_fits(OP, x, kh, kw, pad, dilation)
     stride, dilation = list(stride), list(dilation)
     backend = backends.choose(OP, x.device, x, weight, bias)
     if backend == "reference":
