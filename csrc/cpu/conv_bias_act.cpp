@@ -1,0 +1,410 @@
+// Convolution + bias (+ residual) + activation on the CPU, forward and backward, NCHW and channels_last,
+// float / double / half / bf16.
+//
+// Depthwise (groups == Cin == Cout): the depthwise loops of cpu/depthwise_kernels.h with the bias as the
+// accumulator's initial value and the residual + activation applied to each output plane / row while it
+// is still in cache. Other convolutions: ATen's convolution as the dense core, then either oneDNN's
+// fused post-ops (fp32, when available: no extra pass over the output) or one in-place epilogue pass.
+// Backward: one pass for dz = grad_out * act'(z) (act' read from the output for none / relu / relu6,
+// else z recomputed) that also sums grad_bias, then the depthwise backward loops or
+// at::convolution_backward.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "bn_act_common.h"
+#include "common.h"
+#include "cpu/depthwise_kernels.h"
+
+namespace fastops {
+namespace {
+
+using bnact::Act;
+
+const at::Tensor* opt(const c10::optional<at::Tensor>& t) { return (t.has_value() && t->defined()) ? &*t : nullptr; }
+
+struct ConvArgs {
+  Conv2dGeom g;      // g.C is Cin
+  int64_t Cout;
+  bool cl, depthwise;
+  at::MemoryFormat fmt;
+};
+
+ConvArgs check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
+                    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.device().is_cpu(), "fastops.", op, " (cpu): x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 4, "fastops.", op, ": x must be 4-D (N, Cin, H, W), got ", x.dim(), "-D");
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "fastops.", op,
+              ": x must be float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK(weight.device() == x.device(), "fastops.", op, ": weight is on ", weight.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(weight.scalar_type() == st, "fastops.", op, ": weight dtype ", weight.scalar_type(),
+              " differs from x's ", st);
+  TORCH_CHECK(groups >= 1, "fastops.", op, ": groups must be >= 1, got ", groups);
+  const int64_t Cin = x.size(1);
+  TORCH_CHECK(Cin % groups == 0, "fastops.", op, ": x's channels (", Cin, ") must be divisible by groups (", groups,
+              ")");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == Cin / groups && weight.size(0) % groups == 0 &&
+                  weight.size(0) > 0,
+              "fastops.", op, ": weight must have shape (Cout, Cin/groups, kh, kw) with Cin/groups = ", Cin / groups,
+              " and Cout divisible by groups = ", groups, ", got ", weight.sizes());
+  ConvArgs a;
+  a.g = make_conv2d_geom(x, weight, stride, padding, dilation);
+  a.Cout = weight.size(0);
+  a.cl = is_channels_last(x);
+  a.fmt = a.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  a.depthwise = groups == Cin && a.Cout == Cin;
+  if (bias) {
+    TORCH_CHECK(bias->device() == x.device(), "fastops.", op, ": bias is on ", bias->device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == a.Cout, "fastops.", op, ": bias must have shape (Cout,) = (",
+                a.Cout, ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kDouble, "fastops.", op,
+                ": bias must be float32, got ", bias->scalar_type());
+  }
+  return a;
+}
+
+// A tensor that must have the output's shape and x's dtype (residual, out, grad_out).
+void check_like_out(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, const ConvArgs& a) {
+  TORCH_CHECK(t.device() == x.device(), "fastops.", op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == a.g.N && t.size(1) == a.Cout && t.size(2) == a.g.OH &&
+                  t.size(3) == a.g.OW,
+              "fastops.", op, ": ", name, " must have the output's shape (", a.g.N, ", ", a.Cout, ", ", a.g.OH, ", ",
+              a.g.OW, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastops.", op, ": ", name, " dtype ", t.scalar_type(),
+              " differs from x's ", x.scalar_type());
+}
+
+template <typename acc_t>
+std::vector<acc_t> bias_vec(const at::Tensor* bias, int64_t C) {
+  std::vector<acc_t> v(C, acc_t(0));
+  if (bias) {
+    const at::Tensor f = bias->to(at::kDouble).contiguous();
+    for (int64_t c = 0; c < C; ++c) v[c] = static_cast<acc_t>(f.data_ptr<double>()[c]);
+  }
+  return v;
+}
+
+bool symmetric(c10::IntArrayRef p) { return p[0] == p[2] && p[1] == p[3]; }
+
+// x zero-padded so that the convolution needs symmetric padding only (ATen's convolution takes one
+// value per side pair); `pad` receives what is left to pass to it.
+at::Tensor pad_for_aten(const at::Tensor& x, c10::IntArrayRef padding, std::vector<int64_t>& pad) {
+  if (symmetric(padding)) {
+    pad = {padding[0], padding[1]};
+    return x;
+  }
+  pad = {0, 0};
+  return at::constant_pad_nd(x, {padding[1], padding[3], padding[0], padding[2]}, 0)
+      .contiguous(is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+// Plain convolution without bias, output in x's layout and in the accumulation type: half / bf16 inputs
+// are convolved in fp32 so that conv + bias (+ residual) is rounded once, by the epilogue.
+at::Tensor aten_conv(const at::Tensor& x, const at::Tensor& w, const ConvArgs& a, c10::IntArrayRef stride,
+                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  std::vector<int64_t> pad;
+  const bool low = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  const at::Tensor xp = pad_for_aten(low ? x.to(at::kFloat) : x, padding, pad);
+  return at::convolution(xp, low ? w.to(at::kFloat) : w, c10::nullopt, stride, pad, dilation, false, {0, 0}, groups)
+      .contiguous(a.fmt);
+}
+
+// oneDNN post-op names for the activations; every act has one.
+void onednn_unary(Act act, std::string& name, c10::List<c10::optional<at::Scalar>>& scalars,
+                  c10::optional<c10::string_view>& algorithm) {
+  algorithm = c10::nullopt;
+  switch (act) {
+    case Act::kRelu: name = "relu"; break;
+    case Act::kRelu6:
+      name = "hardtanh";
+      scalars.push_back(at::Scalar(0.0));
+      scalars.push_back(at::Scalar(6.0));
+      break;
+    case Act::kSilu: name = "swish"; break;
+    case Act::kGelu: name = "gelu"; algorithm = c10::string_view("none"); break;
+    case Act::kHardswish: name = "hardswish"; break;
+    default: name = "none"; break;
+  }
+}
+
+// The oneDNN fused path: fp32 only (its bias is fp32 there and the accumulation matches), symmetric
+// padding (its padding is one value per side pair). Measured (batch 8, 2 threads) it beats ATen's
+// convolution + our epilogue pass except on NCHW layers whose weight outgrows their output (ResNet-50
+// stages 3-4 3x3): there its per-call weight reorder costs more than the saved pass.
+bool use_onednn(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef padding, const ConvArgs& a) {
+  if (!at::hasMKLDNN() || x.scalar_type() != at::kFloat || !symmetric(padding)) return false;
+  return a.cl || w.numel() <= a.g.N * a.Cout * a.g.OH * a.g.OW;
+}
+
+at::Tensor onednn_conv_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, const at::Tensor* res,
+                           Act act, c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                           int64_t groups) {
+  std::string uname;
+  c10::List<c10::optional<at::Scalar>> scalars;
+  c10::optional<c10::string_view> algo;
+  onednn_unary(act, uname, scalars, algo);
+  const std::vector<int64_t> pad = {padding[0], padding[1]};
+  c10::optional<at::Tensor> b;
+  if (bias) b = bias->to(at::kFloat).contiguous();
+  if (!res && act == Act::kNone)  // oneDNN has no "none" unary post-op; its plain convolution adds the bias
+    return at::convolution(x, w, b, stride, pad, dilation, false, {0, 0}, groups);
+  if (!res) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                           at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                                           c10::string_view, c10::List<c10::optional<at::Scalar>>,
+                                           c10::optional<c10::string_view>)>();
+    return op.call(x, w, b, pad, stride, dilation, groups, uname, scalars, algo);
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
+                                         at::IntArrayRef, int64_t, c10::string_view, c10::optional<at::Scalar>,
+                                         c10::optional<c10::string_view>, c10::List<c10::optional<at::Scalar>>,
+                                         c10::optional<c10::string_view>)>();
+  // After a binary post-op oneDNN (through ATen) takes relu only; other activations are left to the caller.
+  const c10::optional<c10::string_view> un =
+      act == Act::kRelu ? c10::optional<c10::string_view>(c10::string_view(uname)) : c10::nullopt;
+  return op.call(x, *res, w, b, pad, stride, dilation, groups, "add", c10::nullopt, un,
+                 c10::List<c10::optional<at::Scalar>>(), c10::nullopt);
+}
+
+// Depthwise forward with bias folded into the accumulator; when `act` or `res` is there it is applied to
+// each finished plane / output row in place.
+template <typename scalar_t>
+void depthwise_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, const scalar_t* rp, Act act,
+                       bool epilogue, at::Tensor& y, const ConvArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const chan::Geom go = chan::geom_of(y, a.cl);
+  const std::vector<acc_t> ones(a.Cout, acc_t(1)), zeros(a.Cout, acc_t(0));
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  if (!epilogue) {
+    if (a.cl) dw::forward_nhwc<scalar_t>(x, w, bias, y, a.g);
+    else dw::forward_nchw<scalar_t>(x, w, bias, y, a.g);
+    return;
+  }
+  chan::dispatch_act(act, [&](auto ac) {
+    constexpr Act A = decltype(ac)::value;
+    if (a.cl) {
+      const int64_t OW = a.g.OW;
+      auto post = [&](int64_t row) {
+        for (int64_t p = row * OW; p < (row + 1) * OW; ++p)
+          chan::unit_affine_act<A>(go, p, yp, rp, yp, ones.data(), zeros.data());
+      };
+      dw::forward_nhwc<scalar_t>(x, w, bias, y, a.g, post);
+    } else {
+      auto post = [&](int64_t plane) { chan::unit_affine_act<A>(go, plane, yp, rp, yp, ones.data(), zeros.data()); };
+      dw::forward_nchw<scalar_t>(x, w, bias, y, a.g, post);
+    }
+  });
+}
+
+at::Tensor conv_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_opt,
+                             const c10::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                             c10::string_view act_name) {
+  const char* op = "conv_bias_act";
+  const Act act = bnact::parse_act(std::string(act_name), op);
+  const at::Tensor *bias = opt(bias_opt), *r = opt(residual);
+  const ConvArgs a = check_conv(op, x_in, weight, bias, stride, padding, dilation, groups);
+  const at::Tensor x = x_in.contiguous(a.fmt);
+  at::Tensor res;
+  if (r) {
+    check_like_out(op, "residual", *r, x, a);
+    res = r->contiguous(a.fmt);
+  }
+  if (a.depthwise) {
+    at::Tensor y = at::empty({a.g.N, a.Cout, a.g.OH, a.g.OW}, x.options().memory_format(a.fmt));
+    if (y.numel() == 0) return y;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_bias_act_cpu_dw", [&] {
+      depthwise_forward<scalar_t>(x, weight, bias, r ? res.data_ptr<scalar_t>() : nullptr, act,
+                                  r || act != Act::kNone, y, a);
+    });
+    return y;
+  }
+  if (use_onednn(x, weight, padding, a) && x.numel() > 0) {
+    at::Tensor y =
+        onednn_conv_act(x, weight, bias, r ? &res : nullptr, act, stride, padding, dilation, groups).contiguous(a.fmt);
+    if (r && act != Act::kNone && act != Act::kRelu) {
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_bias_act_cpu_act", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const std::vector<acc_t> ones(a.Cout, acc_t(1)), zeros(a.Cout, acc_t(0));
+        scalar_t* yp = y.data_ptr<scalar_t>();
+        chan::affine_act<scalar_t, scalar_t, acc_t>(chan::geom_of(y, a.cl), act, yp, nullptr, yp, ones.data(),
+                                                    zeros.data());
+      });
+    }
+    return y;
+  }
+  const at::Tensor yc = aten_conv(x, weight, a, stride, padding, dilation, groups);
+  const bool same = yc.scalar_type() == x.scalar_type();
+  if (same && (yc.numel() == 0 || (!bias && !r && act == Act::kNone))) return yc;
+  // In place for fp32 / fp64; half / bf16 round the fp32 convolution here.
+  at::Tensor y = same ? yc : at::empty_like(yc, x.options(), a.fmt);
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_bias_act_cpu_epilogue", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> ones(a.Cout, acc_t(1)), b = bias_vec<acc_t>(bias, a.Cout);
+    chan::affine_act<acc_t, scalar_t, acc_t>(chan::geom_of(y, a.cl), act, yc.data_ptr<acc_t>(),
+                                             r ? res.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+                                             ones.data(), b.data());
+  });
+  return y;
+}
+
+// dz = grad_out * act'(.) in the output's layout, and sum dz per channel into gsum (double).
+// from_out: src is the forward output; else src is the convolution (without bias and residual when
+// `add_bias`), z = src + bias + r.
+template <Act A, typename scalar_t, typename src_t>
+void dz_pass(const chan::Geom& g, const scalar_t* gop, const src_t* src, const scalar_t* rp, const double* bias,
+             bool from_out, scalar_t* dzp, double* gsum) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> bv(g.C);
+  for (int64_t c = 0; c < g.C; ++c) bv[c] = static_cast<acc_t>(bias[c]);
+  auto grad = [&](acc_t v, acc_t b, acc_t r) -> acc_t {
+    return from_out ? chan::act_g_out<A>(v) : chan::act_g<A>(v + b + r);
+  };
+  auto plane_fn = [&](int64_t p, acc_t* out) {
+    const int64_t c = p % g.C, o = p * g.HW;
+    const acc_t bc = bv[c];
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < g.HW; ++i) {
+      const acc_t r = rp ? static_cast<acc_t>(rp[o + i]) : acc_t(0);
+      const acc_t dz = static_cast<acc_t>(gop[o + i]) * grad(static_cast<acc_t>(src[o + i]), bc, r);
+      dzp[o + i] = static_cast<scalar_t>(dz);
+      s += dz;
+    }
+    out[0] = s;
+  };
+  auto rows_fn = [&](int64_t r0, int64_t r1, acc_t* acc) {
+    const acc_t* __restrict__ b = bv.data();
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t o = row * g.C;
+#pragma omp simd
+      for (int64_t c = 0; c < g.C; ++c) {
+        const acc_t r = rp ? static_cast<acc_t>(rp[o + c]) : acc_t(0);
+        const acc_t dz = static_cast<acc_t>(gop[o + c]) * grad(static_cast<acc_t>(src[o + c]), b[c], r);
+        dzp[o + c] = static_cast<scalar_t>(dz);
+        acc[c] += dz;
+      }
+    }
+  };
+  chan::reduce_channels<acc_t, 1>(g, plane_fn, rows_fn, gsum);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias_opt, const c10::optional<at::Tensor>& residual, const at::Tensor& out,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    c10::string_view act_name) {
+  const char* op = "conv_bias_act_backward";
+  const Act act = bnact::parse_act(std::string(act_name), op);
+  const at::Tensor *bias = opt(bias_opt), *r = opt(residual);
+  const ConvArgs a = check_conv(op, x_in, weight, bias, stride, padding, dilation, groups);
+  const at::Tensor x = x_in.contiguous(a.fmt);
+  check_like_out(op, "grad_out", grad_out, x, a);
+  const at::Tensor go = grad_out.contiguous(a.fmt);
+  at::Tensor res;
+  if (r) {
+    check_like_out(op, "residual", *r, x, a);
+    res = r->contiguous(a.fmt);
+  }
+  const bool from_out = bnact::grad_from_output(act);
+  at::Tensor src;
+  if (from_out) {
+    check_like_out(op, "out", out, x, a);
+    src = out.contiguous(a.fmt);
+  }
+  const at::Tensor w = weight.contiguous();
+  const bool depthwise = a.depthwise;
+  // The pre-activation for silu / gelu / hardswish (depthwise: with the bias already in).
+  std::vector<double> bias_d(a.Cout, 0.0);
+  if (!from_out) {
+    if (depthwise) {
+      src = at::empty({a.g.N, a.Cout, a.g.OH, a.g.OW}, x.options().memory_format(a.fmt));
+      if (src.numel() > 0) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_bias_act_bwd_dw_z", [&] {
+          depthwise_forward<scalar_t>(x, w, bias, nullptr, Act::kNone, false, src, a);
+        });
+      }
+    } else {
+      src = aten_conv(x, w, a, stride, padding, dilation, groups);
+      bias_d = bias_vec<double>(bias, a.Cout);
+    }
+  }
+  at::Tensor dz = at::empty({a.g.N, a.Cout, a.g.OH, a.g.OW}, x.options().memory_format(a.fmt));
+  std::vector<double> gsum(a.Cout, 0.0);
+  const chan::Geom gg = chan::geom_of(dz, a.cl);
+  if (dz.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_bias_act_bwd_dz", [&] {
+      chan::dispatch_act(act, [&](auto ac) {
+        constexpr Act A = decltype(ac)::value;
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* rp = r ? res.data_ptr<scalar_t>() : nullptr;
+        if (src.scalar_type() == x.scalar_type())
+          dz_pass<A>(gg, go.data_ptr<scalar_t>(), src.data_ptr<scalar_t>(), rp, bias_d.data(), from_out,
+                     dz.data_ptr<scalar_t>(), gsum.data());
+        else  // the fp32 convolution of half / bf16 inputs
+          dz_pass<A>(gg, go.data_ptr<scalar_t>(), src.data_ptr<acc_t>(), rp, bias_d.data(), from_out,
+                     dz.data_ptr<scalar_t>(), gsum.data());
+      });
+    });
+  }
+  at::Tensor gx, gw;
+  if (depthwise) {
+    gx = at::empty_like(x, x.options(), a.fmt);
+    gw = at::empty({a.Cout, 1, a.g.KH, a.g.KW}, x.options());
+    at::Tensor gb_scratch = at::empty({a.Cout}, x.options());
+    if (dz.numel() == 0) {
+      gx.zero_();
+      gw.zero_();
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_bias_act_bwd_dw", [&] {
+        if (a.cl) dw::backward_nhwc<scalar_t>(dz, x, w, gx, gw, gb_scratch, a.g);
+        else dw::backward_nchw<scalar_t>(dz, x, w, gx, gw, gb_scratch, a.g);
+      });
+    }
+  } else {
+    std::vector<int64_t> pad;
+    const at::Tensor xp = pad_for_aten(x, padding, pad);
+    auto grads = at::convolution_backward(dz, xp, w, c10::nullopt, stride, pad, dilation, false, {0, 0}, groups,
+                                          {true, true, false});
+    gx = std::get<0>(grads);
+    gw = std::get<1>(grads).contiguous();
+    if (!symmetric(padding))
+      gx = gx.slice(2, padding[0], padding[0] + a.g.H).slice(3, padding[1], padding[1] + a.g.W);
+    gx = gx.contiguous(a.fmt);
+  }
+  const bool f64 = x.scalar_type() == at::kDouble;
+  at::Tensor gb = at::empty({bias ? a.Cout : 0}, x.options().dtype(f64 ? at::kDouble : at::kFloat));
+  if (bias) {
+    for (int64_t c = 0; c < a.Cout; ++c) {
+      if (f64) gb.data_ptr<double>()[c] = gsum[c];
+      else gb.data_ptr<float>()[c] = static_cast<float>(gsum[c]);
+    }
+  }
+  at::Tensor gr = r ? dz : at::empty({0}, x.options());
+  return {gx, gw, gb, gr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastops, CPU, m) {
+  m.impl("conv_bias_act", &conv_bias_act_cpu);
+  m.impl("conv_bias_act_backward", &conv_bias_act_backward_cpu);
+}
+
+}  // namespace fastops

@@ -1,0 +1,657 @@
+// Depthwise conv2d loops on the CPU (forward and backward, NCHW and channels_last), shared by
+// fastops::depthwise_conv2d and the depthwise case of fastops::conv_bias_act, plus the per-channel
+// elementwise epilogue loops of bn_act / conv_bias_act.
+//
+// NCHW: one (n, c) plane at a time is copied, zero-padded and split into `stride` column phases in a
+// thread-local fp32 buffer: column j of phase p holds padded column j*stride + p, so every tap of every
+// stride reads a *contiguous* run of the buffer and the inner loop is a plain SIMD FMA over a tile of
+// outputs kept in registers. Converting half/bf16 to fp32 happens in that same copy.
+// channels_last: channels are contiguous, so the SIMD loop runs over a tile of channels for one output
+// pixel, with the weights pre-transposed to (kh, kw, C).
+// Accumulation is in at::opmath_type<T> (fp32 for half/bf16/float, fp64 for double).
+//
+// The forward loops take a `post` callback, called once a unit of output is written and still in
+// cache (an NCHW plane index n*C + c, or a channels_last output row index n*OH + oh), so that a caller
+// can apply an epilogue (residual, activation) in place without another trip through memory.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "bn_act_common.h"
+#include "common.h"
+#include "cpu/simd.h"
+
+// Rows here are short (7..112 elements): GCC's rewrite of copy loops into memmove/memset calls costs
+// more per call than the copy itself.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+#endif
+
+namespace fastops {
+namespace dw {
+
+constexpr int64_t kTile = 32;   // the widest register tile, in elements (4 AVX2 fp32 vectors)
+constexpr int64_t kTileRows = 4;  // the most output rows one NCHW tile covers (for narrow planes)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The phase-split, zero-padded copy of one plane (see the file comment). It is larger than the padded
+// plane so that the last tile may run past OW / OH: its extra lanes read zeros and are discarded.
+struct PhasePlane {
+  int64_t S, Hp, Wq;
+  PhasePlane(const Conv2dGeom& g) : S(g.SW) {
+    const int64_t Wp = g.W + g.PL + g.PR;
+    Wq = std::max(ceil_div(Wp, S), (g.DW * (g.KW - 1)) / S + ceil_div(g.OW, kTile) * kTile);
+    Hp = std::max(g.H + g.PT + g.PB, (ceil_div(g.OH, kTileRows) * kTileRows - 1) * g.SH + g.DH * (g.KH - 1) + 1);
+  }
+  int64_t size() const { return S * Hp * Wq; }
+  // Offset of padded position (row, col) in the buffer.
+  int64_t at(int64_t row, int64_t col) const { return ((col % S) * Hp + row) * Wq + col / S; }
+  // Offset of every tap (kh, kw) relative to output (0, 0); output (oh, ow) adds oh*SH*Wq + ow, so the
+  // hot loops do no division.
+  std::vector<int64_t> tap_offsets(const Conv2dGeom& g) const {
+    std::vector<int64_t> off(g.KH * g.KW);
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      for (int64_t kw = 0; kw < g.KW; ++kw) off[kh * g.KW + kw] = at(kh * g.DH, kw * g.DW);
+    return off;
+  }
+};
+
+// Copies one input plane into the buffer's interior; col_off[i] is the buffer offset of input column i
+// in row 0 (precomputed: the phase split needs a division per column).
+template <typename scalar_t, typename acc_t>
+void fill_phase_plane(const PhasePlane& pp, const Conv2dGeom& g, const int64_t* col_off,
+                      const scalar_t* __restrict__ src, acc_t* __restrict__ buf) {
+  for (int64_t r = 0; r < g.H; ++r) {
+    const scalar_t* __restrict__ s = src + r * g.W;
+    acc_t* __restrict__ d = buf + (r + g.PT) * pp.Wq;
+    // One contiguous destination run per phase: phase p gets every S-th input column from i0.
+    for (int64_t i0 = 0; i0 < std::min(pp.S, g.W); ++i0) {
+      acc_t* __restrict__ dp = d + col_off[i0];
+      for (int64_t i = i0, j = 0; i < g.W; i += pp.S, ++j) dp[j] = static_cast<acc_t>(s[i]);
+    }
+  }
+}
+
+inline std::vector<int64_t> phase_col_offsets(const PhasePlane& pp, const Conv2dGeom& g) {
+  std::vector<int64_t> off(std::max<int64_t>(g.W, 1));
+  for (int64_t i = 0; i < g.W; ++i) off[i] = pp.at(0, i + g.PL);
+  return off;
+}
+
+// Hardware prefetchers stop at page boundaries and know nothing of the next plane; asking for the next
+// plane a slice at a time while this one is computed overlaps its memory reads with arithmetic.
+inline void prefetch_range(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+inline void prefetch_slice(const char* p, int64_t bytes, int64_t slice, int64_t nslices) {
+  if (!p) return;
+  const int64_t lines = (bytes + 63) / 64, per = (lines + nslices - 1) / nslices;
+  for (int64_t l = slice * per; l < std::min(lines, (slice + 1) * per); ++l) __builtin_prefetch(p + l * 64, 0, 3);
+}
+
+// R output rows x NV vectors of one NCHW plane, accumulated in R*NV registers over all taps; written to
+// `out` (R rows of NV*N values, row pitch NV*N).
+template <int R, int NV, int KKc, typename acc_t>
+inline void plane_tile(const acc_t* base, int64_t row_stride, const int64_t* taps, const acc_t* wc, int64_t KK_,
+                       acc_t bias, acc_t* out) {
+  // KKc > 0: the tap count is known at compile time (3x3, 7x7) and the tap loop unrolls completely.
+  const int64_t KK = KKc > 0 ? KKc : KK_;
+  using Vec = simd::Vec<acc_t>;
+  using V = typename Vec::V;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = Vec::splat(bias);
+  for (int64_t k = 0; k < KK; ++k) {
+    const V wv = Vec::splat(wc[k]);
+    const acc_t* s = base + taps[k];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NV; ++j) acc[r][j] += wv * Vec::load(s + r * row_stride + j * Vec::N);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) Vec::store(out + (r * NV + j) * Vec::N, acc[r][j]);
+}
+
+template <int R, int NV, int KKc, typename scalar_t, typename acc_t>
+void forward_plane(const PhasePlane& pp, const Conv2dGeom& g, const acc_t* buf, const int64_t* taps,
+                   const acc_t* wc, acc_t bias, scalar_t* yplane, const char* next, int64_t next_bytes) {
+  constexpr int64_t TW = NV * simd::Vec<acc_t>::N;
+  const int64_t row_stride = g.SH * pp.Wq;
+  const int64_t KK = g.KH * g.KW;
+  const int64_t ntiles = ceil_div(g.OH, R);
+  acc_t tmp[R * TW];
+  for (int64_t oh0 = 0; oh0 < g.OH; oh0 += R) {
+    prefetch_slice(next, next_bytes, oh0 / R, ntiles);
+    const int64_t nr = std::min<int64_t>(R, g.OH - oh0);
+    for (int64_t ow0 = 0; ow0 < g.OW; ow0 += TW) {
+      plane_tile<R, NV, KKc>(buf + oh0 * row_stride + ow0, row_stride, taps, wc, KK, bias, tmp);
+      const int64_t nc = std::min(TW, g.OW - ow0);
+      for (int64_t r = 0; r < nr; ++r) {
+        scalar_t* d = yplane + (oh0 + r) * g.OW + ow0;
+        if (nc == TW) {
+          for (int64_t i = 0; i < TW; ++i) d[i] = static_cast<scalar_t>(tmp[r * TW + i]);
+        } else {
+          for (int64_t i = 0; i < nc; ++i) d[i] = static_cast<scalar_t>(tmp[r * TW + i]);
+        }
+      }
+    }
+  }
+}
+
+struct NoPost {
+  void operator()(int64_t) const {}
+};
+
+template <typename scalar_t, typename Post = NoPost>
+void forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b, at::Tensor& y, const Conv2dGeom& g,
+                  const Post& post = Post()) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = simd::Vec<acc_t>;
+  const at::Tensor wf = w.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
+  const acc_t* wp = wf.data_ptr<acc_t>();
+  at::Tensor bf;
+  if (b) bf = b->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* bp = b ? bf.data_ptr<acc_t>() : nullptr;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const PhasePlane pp(g);
+  const int64_t KK = g.KH * g.KW;
+  const std::vector<int64_t> taps = pp.tap_offsets(g);
+  const std::vector<int64_t> cols = phase_col_offsets(pp, g);
+  // Register tile by plane width: 4 accumulators either way (enough to hide FMA latency), spread over
+  // rows when a row is only one or two vectors wide.
+  const int64_t nvec = ceil_div(g.OW, Vec::N);
+  auto pick = [&](auto kk) {
+    constexpr int KKc = decltype(kk)::value;
+    return nvec == 1 ? &forward_plane<4, 1, KKc, scalar_t, acc_t>
+         : nvec == 2 ? &forward_plane<2, 2, KKc, scalar_t, acc_t>
+         : nvec == 3 ? &forward_plane<1, 3, KKc, scalar_t, acc_t>
+                     : &forward_plane<1, kTile / Vec::N, KKc, scalar_t, acc_t>;
+  };
+  auto run = KK == 9 && g.SW == 1    ? pick(std::integral_constant<int, 9>{})
+           : KK == 49 && g.SW == 1   ? pick(std::integral_constant<int, 49>{})
+                                     : pick(std::integral_constant<int, 0>{});
+
+  at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
+    // Padding cells are never written, so zeroing once per chunk keeps them zero for every plane.
+    std::vector<acc_t> buf(pp.size(), acc_t(0));
+    const int64_t plane_bytes = g.H * g.W * static_cast<int64_t>(sizeof(scalar_t));
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t c = plane % g.C;
+      fill_phase_plane(pp, g, cols.data(), xp + plane * g.H * g.W, buf.data());
+      const char* next = plane + 1 < end ? reinterpret_cast<const char*>(xp + (plane + 1) * g.H * g.W) : nullptr;
+      run(pp, g, buf.data(), taps.data(), wp + c * KK, bp ? bp[c] : acc_t(0), yp + plane * g.OH * g.OW, next,
+          plane_bytes);
+      post(plane);
+    }
+  });
+}
+
+// NV vectors of channels of one channels_last pixel: out = init + sum_t w[w_off[t]] * src[src_off[t]]
+// (all pointers already offset to the tile's first channel).
+template <int NV, typename scalar_t, typename acc_t>
+inline void channel_tile(const scalar_t* src, const acc_t* w, const int64_t* src_off, const int64_t* w_off,
+                         int64_t T, const acc_t* init, scalar_t* out) {
+  using Vec = simd::Vec<acc_t>;
+  using V = typename Vec::V;
+  V acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = init ? Vec::load(init + j * Vec::N) : V{};
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* s = src + src_off[t];
+    const acc_t* ww = w + w_off[t];
+    for (int j = 0; j < NV; ++j) acc[j] += Vec::load(ww + j * Vec::N) * Vec::load_from(s + j * Vec::N);
+  }
+  for (int j = 0; j < NV; ++j) Vec::store_to(out + j * Vec::N, acc[j]);
+}
+
+// All C channels of one channels_last pixel: wide tiles, then one-vector tiles, then a scalar tail.
+template <typename scalar_t, typename acc_t>
+void pixel_channels(int64_t C, const scalar_t* src, const acc_t* w, const int64_t* src_off, const int64_t* w_off,
+                    int64_t T, const acc_t* init, scalar_t* out) {
+  constexpr int64_t N = simd::Vec<acc_t>::N;
+  int64_t c = 0;
+  for (; c + kTile <= C; c += kTile)
+    channel_tile<kTile / N>(src + c, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c);
+  for (; c + N <= C; c += N) channel_tile<1>(src + c, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c);
+  for (; c < C; ++c) {
+    acc_t acc = init ? init[c] : acc_t(0);
+    for (int64_t t = 0; t < T; ++t) acc += w[w_off[t] + c] * static_cast<acc_t>(src[src_off[t] + c]);
+    out[c] = static_cast<scalar_t>(acc);
+  }
+}
+
+// P neighbouring pixels x NV vectors of channels sharing one tap list (pixels `src_px` / `out_px` elements
+// apart): each weight vector is loaded once for P pixels.
+template <int P, int NV, typename scalar_t, typename acc_t>
+inline void pixels_tile(const scalar_t* src, int64_t src_px, const acc_t* w, const int64_t* src_off,
+                        const int64_t* w_off, int64_t T, const acc_t* init, scalar_t* out, int64_t out_px) {
+  using Vec = simd::Vec<acc_t>;
+  using V = typename Vec::V;
+  V acc[P][NV];
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < NV; ++j) acc[p][j] = init ? Vec::load(init + j * Vec::N) : V{};
+  for (int64_t t = 0; t < T; ++t) {
+    V wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = Vec::load(w + w_off[t] + j * Vec::N);
+    const scalar_t* s = src + src_off[t];
+    for (int p = 0; p < P; ++p)
+      for (int j = 0; j < NV; ++j) acc[p][j] += wv[j] * Vec::load_from(s + p * src_px + j * Vec::N);
+  }
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < NV; ++j) Vec::store_to(out + p * out_px + j * Vec::N, acc[p][j]);
+}
+
+// kPix pixels of one output row that share their tap list: all channels.
+constexpr int kPix = 4;
+constexpr int64_t kPrefetchPx = 3 * kPix;
+template <typename scalar_t, typename acc_t>
+void pixels_channels(int64_t C, const scalar_t* src, int64_t src_px, const acc_t* w, const int64_t* src_off,
+                     const int64_t* w_off, int64_t T, const acc_t* init, scalar_t* out) {
+  constexpr int64_t N = simd::Vec<acc_t>::N;
+  int64_t c = 0;
+  for (; c + 2 * N <= C; c += 2 * N)
+    pixels_tile<kPix, 2>(src + c, src_px, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c, C);
+  for (; c + N <= C; c += N)
+    pixels_tile<kPix, 1>(src + c, src_px, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c, C);
+  for (; c < C; ++c)
+    for (int p = 0; p < kPix; ++p) {
+      acc_t acc = init ? init[c] : acc_t(0);
+      for (int64_t t = 0; t < T; ++t) acc += w[w_off[t] + c] * static_cast<acc_t>(src[src_off[t] + p * src_px + c]);
+      out[p * C + c] = static_cast<scalar_t>(acc);
+    }
+}
+
+// Weights (C, 1, kh, kw) -> (kh*kw, C) in acc_t, so channels_last loops read them contiguously.
+template <typename acc_t>
+at::Tensor weights_khkw_c(const at::Tensor& w) {
+  return w.reshape({w.size(0), w.size(2) * w.size(3)}).t().contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
+}
+
+// Valid kernel-row range for output row `o`: taps with 0 <= o*S - P + k*D < L.
+inline void tap_range(int64_t o, int64_t S, int64_t P, int64_t D, int64_t K, int64_t L, int64_t& k0, int64_t& k1) {
+  const int64_t base = o * S - P;
+  k0 = base >= 0 ? 0 : ceil_div(-base, D);
+  k1 = base + (K - 1) * D < L ? K : std::max<int64_t>(0, ceil_div(L - base, D));
+  k1 = std::min(k1, K);
+}
+
+template <typename scalar_t, typename Post = NoPost>
+void forward_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b, at::Tensor& y, const Conv2dGeom& g,
+                  const Post& post = Post()) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor wt = weights_khkw_c<acc_t>(w);
+  const acc_t* wp = wt.data_ptr<acc_t>();
+  at::Tensor bf;
+  if (b) bf = b->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* bp = b ? bf.data_ptr<acc_t>() : nullptr;
+  const scalar_t* xp = x.data_ptr<scalar_t>();  // channels_last: (n, h, w, c) in memory
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const int64_t C = g.C, KK = g.KH * g.KW;
+
+  at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> x_off(KK), w_off(KK);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.OH, oh = row % g.OH;
+      int64_t kh0, kh1;
+      tap_range(oh, g.SH, g.PT, g.DH, g.KH, g.H, kh0, kh1);
+      // The kernel's bottom input row is the one not yet in cache (the rows above were read for the
+      // previous output rows); the pixel-by-channel access order hides its stream from the hardware
+      // prefetcher, so fetch it kPrefetchPx pixels ahead.
+      const int64_t ih_new = oh * g.SH - g.PT + (g.KH - 1) * g.DH;
+      const scalar_t* new_row = (ih_new >= 0 && ih_new < g.H) ? xp + (n * g.H + ih_new) * g.W * C : nullptr;
+      int64_t prefetched = 0;  // input columns of new_row already requested
+      for (int64_t ow = 0; ow < g.OW;) {
+        if (new_row) {
+          const int64_t want = std::min(g.W, (ow + kPrefetchPx) * g.SW + (g.KW - 1) * g.DW - g.PL + 1);
+          if (want > prefetched) {
+            prefetch_range(new_row + prefetched * C, (want - prefetched) * C * static_cast<int64_t>(sizeof(scalar_t)));
+            prefetched = want;
+          }
+        }
+        int64_t kw0, kw1;
+        tap_range(ow, g.SW, g.PL, g.DW, g.KW, g.W, kw0, kw1);
+        // Taps inside the input, as offsets from this pixel's window origin.
+        int64_t T = 0;
+        for (int64_t kh = kh0; kh < kh1; ++kh)
+          for (int64_t kw = kw0; kw < kw1; ++kw, ++T) {
+            x_off[T] = (kh * g.DH * g.W + kw * g.DW) * C;
+            w_off[T] = (kh * g.KW + kw) * C;
+          }
+        const scalar_t* origin = xp + ((n * g.H + oh * g.SH - g.PT) * g.W + ow * g.SW - g.PL) * C;
+        scalar_t* out = yp + ((n * g.OH + oh) * g.OW + ow) * C;
+        // Away from the left/right border, kPix neighbours have every tap in the input.
+        const bool interior = kw0 == 0 && kw1 == g.KW && ow + kPix <= g.OW &&
+                              (ow + kPix - 1) * g.SW - g.PL + (g.KW - 1) * g.DW < g.W;
+        if (interior) {
+          pixels_channels(C, origin, g.SW * C, wp, x_off.data(), w_off.data(), T, bp, out);
+          ow += kPix;
+        } else {
+          pixel_channels(C, origin, wp, x_off.data(), w_off.data(), T, bp, out);
+          ow += 1;
+        }
+      }
+      post(row);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward.
+
+// NCHW: parallel over channels (each thread owns its channels' weight/bias gradients, no reduction
+// across threads). For every plane the input's phase buffer gives grad_weight as contiguous dot
+// products, and grad_input is scattered into a second phase buffer (contiguous again), then cropped.
+template <typename scalar_t>
+void backward_nchw(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::Tensor& gi, at::Tensor& gw,
+                   at::Tensor& gb, const Conv2dGeom& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor wf = w.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
+  const acc_t* wp = wf.data_ptr<acc_t>();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* gop = go.data_ptr<scalar_t>();
+  scalar_t* gip = gi.data_ptr<scalar_t>();
+  scalar_t* gwp = gw.data_ptr<scalar_t>();
+  scalar_t* gbp = gb.data_ptr<scalar_t>();
+  const PhasePlane pp(g);
+  const int64_t KK = g.KH * g.KW;
+  const int64_t OWr = ceil_div(g.OW, simd::Vec<acc_t>::N) * simd::Vec<acc_t>::N;
+  const std::vector<int64_t> taps = pp.tap_offsets(g);
+  const std::vector<int64_t> cols = phase_col_offsets(pp, g);
+  const int64_t row_stride = g.SH * pp.Wq;
+  using Vec = simd::Vec<acc_t>;
+  using V = typename Vec::V;
+
+  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf(pp.size(), acc_t(0)), gbuf(pp.size()), gorow(OWr, acc_t(0)), gwacc(KK);
+    for (int64_t c = begin; c < end; ++c) {
+      std::fill(gwacc.begin(), gwacc.end(), acc_t(0));
+      acc_t gbacc = 0;
+      const acc_t* wc = wp + c * KK;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const int64_t plane = n * g.C + c;
+        fill_phase_plane(pp, g, cols.data(), xp + plane * g.H * g.W, xbuf.data());
+        std::fill(gbuf.begin(), gbuf.end(), acc_t(0));
+        const scalar_t* goplane = gop + plane * g.OH * g.OW;
+        for (int64_t oh = 0; oh < g.OH; ++oh) {
+          // Lanes past OW stay zero, so whole-tile loops below add nothing there.
+          for (int64_t i = 0; i < g.OW; ++i) gorow[i] = static_cast<acc_t>(goplane[oh * g.OW + i]);
+          const acc_t* gr = gorow.data();
+          for (int64_t i = 0; i < g.OW; ++i) gbacc += gr[i];
+          for (int64_t k = 0; k < KK; ++k) {
+            const int64_t off = oh * row_stride + taps[k];
+            const acc_t* xs = xbuf.data() + off;
+            acc_t* gs = gbuf.data() + off;
+            const V wv = Vec::splat(wc[k]);
+            V dot{};
+            for (int64_t i = 0; i < OWr; i += Vec::N) {
+              const V gv = Vec::load(gr + i);
+              dot += gv * Vec::load(xs + i);
+              Vec::store(gs + i, Vec::load(gs + i) + wv * gv);
+            }
+            gwacc[k] += Vec::sum(dot);
+          }
+        }
+        scalar_t* giplane = gip + plane * g.H * g.W;
+        for (int64_t ih = 0; ih < g.H; ++ih)
+          for (int64_t iw = 0; iw < g.W; ++iw)
+            giplane[ih * g.W + iw] = static_cast<scalar_t>(gbuf[(ih + g.PT) * pp.Wq + cols[iw]]);
+      }
+      for (int64_t k = 0; k < KK; ++k) gwp[c * KK + k] = static_cast<scalar_t>(gwacc[k]);
+      gbp[c] = static_cast<scalar_t>(gbacc);
+    }
+  });
+}
+
+// For each input index i along one axis: the taps k and output indices o with o*S - P + k*D == i.
+struct TapTable {
+  std::vector<int64_t> begin, k, out;  // entries of index i are [begin[i], begin[i+1])
+  TapTable(int64_t L, int64_t OL, int64_t K, int64_t S, int64_t P, int64_t D) : begin(L + 1, 0) {
+    for (int64_t i = 0; i < L; ++i) {
+      begin[i] = static_cast<int64_t>(k.size());
+      for (int64_t kk = 0; kk < K; ++kk) {
+        const int64_t t = i + P - kk * D;
+        if (t < 0 || t % S != 0 || t / S >= OL) continue;
+        k.push_back(kk);
+        out.push_back(t / S);
+      }
+    }
+    begin[L] = static_cast<int64_t>(k.size());
+  }
+};
+
+template <typename scalar_t>
+void backward_nhwc(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::Tensor& gi, at::Tensor& gw,
+                   at::Tensor& gb, const Conv2dGeom& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor wt = weights_khkw_c<acc_t>(w);
+  const acc_t* wp = wt.data_ptr<acc_t>();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* gop = go.data_ptr<scalar_t>();
+  scalar_t* gip = gi.data_ptr<scalar_t>();
+  const int64_t C = g.C, KK = g.KH * g.KW;
+
+  // grad_input: a gather over the outputs each input pixel fed (no write conflicts). Which taps reach
+  // an input row / column depends only on that row / column: tabulate them once.
+  using Vec = simd::Vec<acc_t>;
+  const TapTable rows_t(g.H, g.OH, g.KH, g.SH, g.PT, g.DH), cols_t(g.W, g.OW, g.KW, g.SW, g.PL, g.DW);
+  at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> go_off(KK), w_off(KK);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / g.H, ih = r % g.H;
+      for (int64_t iw = 0; iw < g.W; ++iw) {
+        int64_t T = 0;
+        for (int64_t a = rows_t.begin[ih]; a < rows_t.begin[ih + 1]; ++a)
+          for (int64_t bb = cols_t.begin[iw]; bb < cols_t.begin[iw + 1]; ++bb, ++T) {
+            go_off[T] = ((n * g.OH + rows_t.out[a]) * g.OW + cols_t.out[bb]) * C;
+            w_off[T] = (rows_t.k[a] * g.KW + cols_t.k[bb]) * C;
+          }
+        pixel_channels(C, gop, wp, go_off.data(), w_off.data(), T, static_cast<const acc_t*>(nullptr),
+                       gip + ((n * g.H + ih) * g.W + iw) * C);
+      }
+    }
+  });
+
+  // grad_weight, grad_bias: partial sums over fixed chunks of output rows (one buffer per chunk, so
+  // the result does not depend on which thread ran what), then one reduction.
+  const int64_t rows = g.N * g.OH;
+  const int64_t nchunks = std::min<int64_t>(rows, at::get_num_threads());
+  std::vector<acc_t> partial(static_cast<size_t>(nchunks) * (KK + 1) * C, acc_t(0));
+  at::parallel_for(0, nchunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    acc_t* pw = partial.data() + static_cast<size_t>(chunk) * (KK + 1) * C;
+    acc_t* pb = pw + KK * C;
+    std::vector<acc_t> gorow(C);
+    for (int64_t row = chunk * rows / nchunks; row < (chunk + 1) * rows / nchunks; ++row) {
+      const int64_t n = row / g.OH, oh = row % g.OH;
+      int64_t kh0, kh1;
+      tap_range(oh, g.SH, g.PT, g.DH, g.KH, g.H, kh0, kh1);
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        int64_t kw0, kw1;
+        tap_range(ow, g.SW, g.PL, g.DW, g.KW, g.W, kw0, kw1);
+        const scalar_t* gs = gop + ((n * g.OH + oh) * g.OW + ow) * C;
+        acc_t* gr = gorow.data();
+        for (int64_t c = 0; c < C; ++c) {
+          gr[c] = static_cast<acc_t>(gs[c]);
+          pb[c] += gr[c];
+        }
+        for (int64_t kh = kh0; kh < kh1; ++kh) {
+          const int64_t ih = oh * g.SH - g.PT + kh * g.DH;
+          for (int64_t kw = kw0; kw < kw1; ++kw) {
+            const int64_t iw = ow * g.SW - g.PL + kw * g.DW;
+            const scalar_t* xs = xp + ((n * g.H + ih) * g.W + iw) * C;
+            acc_t* ws = pw + (kh * g.KW + kw) * C;
+            int64_t c = 0;
+            for (; c + Vec::N <= C; c += Vec::N)
+              Vec::store(ws + c, Vec::load(ws + c) + Vec::load(gr + c) * Vec::load_from(xs + c));
+            for (; c < C; ++c) ws[c] += gr[c] * static_cast<acc_t>(xs[c]);
+          }
+        }
+      }
+    }
+   }
+  });
+  std::vector<acc_t> total((KK + 1) * C, acc_t(0));
+  for (int64_t t = 0; t < nchunks; ++t) {
+    const acc_t* p = partial.data() + static_cast<size_t>(t) * (KK + 1) * C;
+    for (int64_t i = 0; i < (KK + 1) * C; ++i) total[i] += p[i];
+  }
+  scalar_t* gwp = gw.data_ptr<scalar_t>();  // (C, 1, kh, kw) contiguous
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < KK; ++k) gwp[c * KK + k] = static_cast<scalar_t>(total[k * C + c]);
+  scalar_t* gbp = gb.data_ptr<scalar_t>();
+  for (int64_t c = 0; c < C; ++c) gbp[c] = static_cast<scalar_t>(total[KK * C + c]);
+}
+
+}  // namespace dw
+
+// ---------------------------------------------------------------------------------------------------
+// Per-channel elementwise loops of bn_act / conv_bias_act: a 4-D (N, C, H, W) tensor is walked as NCHW
+// planes (one channel, HW contiguous elements) or channels_last rows (one pixel, C contiguous channels).
+namespace chan {
+
+using bnact::Act;
+
+struct Geom {
+  int64_t N, C, HW;
+  bool cl;
+  int64_t planes() const { return N * C; }  // NCHW units
+  int64_t rows() const { return N * HW; }   // channels_last units
+};
+
+inline Geom geom_of(const at::Tensor& t, bool cl) { return {t.size(0), t.size(1), t.size(2) * t.size(3), cl}; }
+
+// Calls f(std::integral_constant<Act, a>) so that the activation is a compile-time constant in the loops
+// (relu / relu6 / hardswish then vectorise).
+template <typename F>
+void dispatch_act(Act a, F&& f) {
+  switch (a) {
+    case Act::kRelu: f(std::integral_constant<Act, Act::kRelu>{}); break;
+    case Act::kRelu6: f(std::integral_constant<Act, Act::kRelu6>{}); break;
+    case Act::kSilu: f(std::integral_constant<Act, Act::kSilu>{}); break;
+    case Act::kGelu: f(std::integral_constant<Act, Act::kGelu>{}); break;
+    case Act::kHardswish: f(std::integral_constant<Act, Act::kHardswish>{}); break;
+    default: f(std::integral_constant<Act, Act::kNone>{}); break;
+  }
+}
+
+template <Act A, typename T>
+inline T act_f(T z) {
+  return bnact::act_forward(A, z);
+}
+// relu / relu6 masks as arithmetic rather than branches: on random signs a branch mispredicts half the
+// time and the loops stay scalar.
+template <Act A, typename T>
+inline T act_g(T z) {
+  // (z == z: false only for NaN, where z > 0 is false too; written so, GCC keeps the select branch-free
+  // and vectorised, as it does for relu6, instead of turning `go * (z > 0)` back into a branch.)
+  if constexpr (A == Act::kRelu) return static_cast<T>((z > T(0)) & (z == z));
+  else if constexpr (A == Act::kRelu6) return static_cast<T>((z > T(0)) & (z < T(6)));
+  else return bnact::act_grad(A, z);
+}
+template <Act A, typename T>
+inline T act_g_out(T y) {
+  if constexpr (A == Act::kRelu || A == Act::kRelu6) return act_g<A>(y);
+  else return bnact::act_grad_from_output(A, y);
+}
+
+// Rows per parallel task for channels_last loops: enough elements per task to amortise the dispatch.
+inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
+
+// y = act(x * a + b + r) over n elements of one channel (NCHW plane); r may be null, y may alias x.
+// x may be of a wider type than y (a half / bf16 result computed in fp32 is rounded once, here).
+template <Act A, typename in_t, typename scalar_t, typename acc_t>
+inline void plane_affine_act(const in_t* x, const scalar_t* r, scalar_t* y, int64_t n, acc_t a, acc_t b) {
+  if (r) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+      y[i] = static_cast<scalar_t>(act_f<A>(static_cast<acc_t>(x[i]) * a + b + static_cast<acc_t>(r[i])));
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(act_f<A>(static_cast<acc_t>(x[i]) * a + b));
+  }
+}
+
+// The same over one channels_last pixel (C channels, per-channel a and b).
+template <Act A, typename in_t, typename scalar_t, typename acc_t>
+inline void row_affine_act(const in_t* x, const scalar_t* r, scalar_t* y, int64_t C, const acc_t* a,
+                           const acc_t* b) {
+  if (r) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c)
+      y[c] = static_cast<scalar_t>(act_f<A>(static_cast<acc_t>(x[c]) * a[c] + b[c] + static_cast<acc_t>(r[c])));
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) y[c] = static_cast<scalar_t>(act_f<A>(static_cast<acc_t>(x[c]) * a[c] + b[c]));
+  }
+}
+
+// One unit (NCHW plane index or channels_last row index) of y = act(x * a[c] + b[c] + r).
+template <Act A, typename in_t, typename scalar_t, typename acc_t>
+inline void unit_affine_act(const Geom& g, int64_t u, const in_t* x, const scalar_t* r, scalar_t* y,
+                            const acc_t* a, const acc_t* b) {
+  if (g.cl) {
+    const int64_t o = u * g.C;
+    row_affine_act<A>(x + o, r ? r + o : nullptr, y + o, g.C, a, b);
+  } else {
+    const int64_t c = u % g.C, o = u * g.HW;
+    plane_affine_act<A>(x + o, r ? r + o : nullptr, y + o, g.HW, a[c], b[c]);
+  }
+}
+
+// The whole tensor, in parallel; y may alias x (an in-place epilogue).
+template <typename in_t, typename scalar_t, typename acc_t>
+void affine_act(const Geom& g, Act act, const in_t* x, const scalar_t* r, scalar_t* y, const acc_t* a,
+                const acc_t* b) {
+  dispatch_act(act, [&](auto ac) {
+    constexpr Act A = decltype(ac)::value;
+    const int64_t units = g.cl ? g.rows() : g.planes();
+    const int64_t grain = g.cl ? row_grain(g.C) : std::max<int64_t>(1, 16384 / std::max<int64_t>(g.HW, 1));
+    at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) unit_affine_act<A>(g, u, x, r, y, a, b);
+    });
+  });
+}
+
+// Deterministic per-channel reduction of K sums. NCHW: plane_fn(plane, acc_t out[K]) reduces one plane;
+// channels_last: rows_fn(row0, row1, acc_t* acc) adds rows [row0, row1) into acc[k * C + c]. The
+// partition into planes / blocks of rows is fixed (independent of the thread count) and the partials
+// are combined in a fixed order in double, so results are reproducible.
+template <typename acc_t, int K, typename PlaneFn, typename RowsFn>
+void reduce_channels(const Geom& g, const PlaneFn& plane_fn, const RowsFn& rows_fn, double* out /* K*C */) {
+  std::fill(out, out + K * g.C, 0.0);
+  if (!g.cl) {
+    std::vector<acc_t> part(static_cast<size_t>(g.planes()) * K);
+    at::parallel_for(0, g.planes(), std::max<int64_t>(1, 4096 / std::max<int64_t>(g.HW, 1)),
+                     [&](int64_t p0, int64_t p1) {
+                       for (int64_t p = p0; p < p1; ++p) plane_fn(p, part.data() + p * K);
+                     });
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t c = 0; c < g.C; ++c)
+        for (int k = 0; k < K; ++k) out[k * g.C + c] += static_cast<double>(part[(n * g.C + c) * K + k]);
+    return;
+  }
+  const int64_t M = g.rows();
+  // Blocks of at least 16 rows, at most 128 of them: short fp32 sums per block, little combining.
+  const int64_t rb = std::max<int64_t>(16, (M + 127) / 128);
+  const int64_t nb = (M + rb - 1) / rb;
+  std::vector<acc_t> part(static_cast<size_t>(nb) * K * g.C, acc_t(0));
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk)
+      rows_fn(blk * rb, std::min(M, (blk + 1) * rb), part.data() + static_cast<size_t>(blk) * K * g.C);
+  });
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const acc_t* p = part.data() + static_cast<size_t>(blk) * K * g.C;
+    for (int64_t i = 0; i < K * g.C; ++i) out[i] += static_cast<double>(p[i]);
+  }
+}
+
+}  // namespace chan
+}  // namespace fastops
