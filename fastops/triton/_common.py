@@ -1,9 +1,75 @@
-"""Host-side pieces shared by the Triton launchers: the device guard, the activations the channel
-attention launchers apply to their small fp32 MLP tensors, and the AOT signature builder."""
+"""Pieces shared by the Triton launchers: the device guard, the activations the channel attention launchers
+apply to their small fp32 MLP tensors, the AOT signature builder, and the named activations of bn_act /
+conv_bias_act as @triton.jit functions (ACT codes below; forward, derivative at z, derivative read from the
+output), matching csrc/bn_act_common.h."""
 import math
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# ACT constexpr of the bn_act / conv_bias_act kernels, by the ops' act names.
+ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4, "hardswish": 5}
+
+
+def act_code(op: str, name: str) -> int:
+    code = ACT_CODES.get(name) if isinstance(name, str) else None
+    if code is None:
+        raise ValueError(f"fastops.{op}: act must be one of none, relu, relu6, silu, gelu, hardswish; got {name!r}")
+    return code
+
+
+def act_grad_from_output(name: str) -> bool:
+    """act' can be read from act's output (no pre-activation recompute needed)."""
+    return name in ("none", "relu", "relu6")
+
+
+@triton.jit
+def act_fwd(z, ACT: tl.constexpr):
+    """act(z) for fp32 z."""
+    y = z
+    if ACT == 1:
+        y = tl.where(z > 0.0, z, 0.0)
+    elif ACT == 2:
+        y = tl.where(z > 0.0, tl.where(z < 6.0, z, 6.0), 0.0)
+    elif ACT == 3:
+        y = z / (1.0 + tl.exp(-z))
+    elif ACT == 4:
+        y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 5:
+        r = z + 3.0
+        y = z * tl.where(r > 0.0, tl.where(r < 6.0, r, 6.0), 0.0) * (1.0 / 6.0)
+    return y
+
+
+@triton.jit
+def act_bwd(z, ACT: tl.constexpr):
+    """d act / dz at the pre-activation z (hardswish: 0 for z <= -3, 1 for z >= 3, z / 3 + 1/2 between)."""
+    g = tl.full(z.shape, 1.0, tl.float32)
+    if ACT == 1:
+        g = tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 2:
+        g = tl.where((z > 0.0) & (z < 6.0), 1.0, 0.0)
+    elif ACT == 3:
+        s = 1.0 / (1.0 + tl.exp(-z))
+        g = s * (1.0 + z * (1.0 - s))
+    elif ACT == 4:
+        g = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    elif ACT == 5:
+        g = tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, z * (1.0 / 3.0) + 0.5, 1.0))
+    return g
+
+
+@triton.jit
+def act_bwd_from_output(y, ACT: tl.constexpr):
+    """d act / dz read from y = act(z); only for none / relu / relu6."""
+    g = tl.full(y.shape, 1.0, tl.float32)
+    if ACT == 1:
+        g = tl.where(y > 0.0, 1.0, 0.0)
+    elif ACT == 2:
+        g = tl.where((y > 0.0) & (y < 6.0), 1.0, 0.0)
+    return g
 
 
 class _NullContext:

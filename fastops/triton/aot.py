@@ -19,10 +19,12 @@ def specs():
         mod = importlib.import_module(f"fastops.triton.{info.name}")
         if not hasattr(mod, "aot_specs"):
             continue
-        # fp16 for every variant; bf16 and fp32 for the first two (the element type changes only loads/stores)
+        # fp16 for every variant; bf16 and fp32 for the first two (the element type changes only loads/stores),
+        # or the first AOT_VARIANTS_PER_DTYPE where a module's tiles or dot precision depend on the dtype
+        per_dtype = getattr(mod, "AOT_VARIANTS_PER_DTYPE", 2)
         for dtype in ("fp16", "bf16", "fp32"):
             variants = mod.aot_specs(dtype)
-            for i, (kernel, sig, constexprs) in enumerate(variants if dtype == "fp16" else variants[:2]):
+            for i, (kernel, sig, constexprs) in enumerate(variants if dtype == "fp16" else variants[:per_dtype]):
                 cid = "-".join(f"{k}{v}" for k, v in constexprs.items())
                 yield f"{info.name}.{kernel.__name__}-{dtype}-{cid}-{i}", kernel, sig, constexprs
 

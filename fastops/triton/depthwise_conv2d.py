@@ -1,4 +1,5 @@
-"""Depthwise conv2d in Triton: forward, grad-input and grad-weight/bias kernels + host launchers.
+"""Depthwise conv2d in Triton: forward, grad-input and grad-weight/bias kernels + host launchers. The forward
+kernel also carries conv_bias_act's epilogue (residual + activation, off for depthwise_conv2d itself).
 
 Every kernel addresses tensors through their strides, so one kernel serves NCHW and channels_last; the
 launcher only picks tile shapes that keep the contiguous dimension (pixels for NCHW, channels for
@@ -16,17 +17,20 @@ import triton.language as tl
 
 from .._layout import is_channels_last, memory_format_of
 from . import _common
+from ._common import act_fwd
 
 
 @triton.jit
 def _dw_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
     C, H, W, OH, OW, KH, KW,
     SH, SW, PT, PL, DH, DW,
     sxn, sxc, sxh, sxw,
     syn, syc, syh, syw,
-    HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # Epilogue (conv_bias_act): + residual (r has y's strides), then activation ACT (_common.ACT_CODES).
     pid_np = tl.program_id(0)
     pid_c = tl.program_id(1)
     n_pblocks = tl.cdiv(OH * OW, BLOCK_P)
@@ -53,7 +57,10 @@ def _dw_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     y_off = n * syn + c64[None, :] * syc + (oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+    y_ok = p_ok[:, None] & c_ok[None, :]
+    if HAS_RES:
+        acc += tl.load(r_ptr + y_off, mask=y_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + y_off, act_fwd(acc, ACT).to(y_ptr.dtype.element_ty), mask=y_ok)
 
 
 @triton.jit
@@ -163,11 +170,11 @@ def _launch_forward(x, weight, bias, stride, padding, dilation):
     BP, BC = _tiles(is_channels_last(x), C)
     grid = (N * triton.cdiv(OH * OW, BP), triton.cdiv(C, BC))
     _dw_fwd_kernel[grid](
-        x, w, bias if bias is not None else w, y,
+        x, w, bias if bias is not None else w, y, y,
         C, H, W, OH, OW, KH, KW,
         stride[0], stride[1], top, left, dilation[0], dilation[1],
         *x.stride(), *y.stride(),
-        HAS_BIAS=bias is not None, BLOCK_P=BP, BLOCK_C=BC,
+        HAS_BIAS=bias is not None, HAS_RES=False, ACT=0, BLOCK_P=BP, BLOCK_C=BC,
     )
     return y
 
@@ -224,7 +231,12 @@ def aot_specs(dtype: str = "fp16"):
     for cl, C in ((False, 37), (True, 37), (True, 144)):
         bp, bc = _tiles(cl, C)
         for has_bias in (False, True):
-            specs.append((_dw_fwd_kernel, {"HAS_BIAS": has_bias, "BLOCK_P": bp, "BLOCK_C": bc}))
+            specs.append((_dw_fwd_kernel, {"HAS_BIAS": has_bias, "HAS_RES": False, "ACT": 0, "BLOCK_P": bp,
+                                           "BLOCK_C": bc}))
+        # conv_bias_act's depthwise epilogues (bias fp32 there; the element type only changes loads)
+        act = {37: 4, 144: 1}[C] if cl else 3
+        specs.append((_dw_fwd_kernel, {"HAS_BIAS": True, "HAS_RES": True, "ACT": act, "BLOCK_P": bp,
+                                       "BLOCK_C": bc}))
         specs.append((_dw_bwd_input_kernel, {"BLOCK_P": bp, "BLOCK_C": bc}))
         specs.append((_dw_bwd_weight_kernel, {"BLOCK_P": bp, "BLOCK_C": bc}))
     return _common.aot_signatures(specs, lambda name: "*fp32" if name == "part_ptr" else "*" + dtype)
