@@ -19,6 +19,10 @@ def _probe_inputs(op, device):
         return (torch.randn(1, 49, 8, device=device), 4, 49)
     if op == "spatial_reduction":  # (x, C, kernel size)
         return (torch.randn(1, 49, 8, device=device), 8, 7)
+    if op == "bn_act":
+        return (torch.randn(1, 4, 8, 8, device=device),)
+    if op == "conv_bias_act":  # (x, weight, groups)
+        return (torch.randn(1, 4, 8, 8, device=device), torch.randn(8, 4, 3, 3, device=device), 1)
     raise KeyError(op)
 
 

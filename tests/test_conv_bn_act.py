@@ -1,0 +1,399 @@
+"""conv_bn_act / conv_bias_act: every backend vs F.conv2d -> F.batch_norm -> activation (+ residual) in
+float64, eval (BN folded, epilogue fused) and training (batch statistics): outputs, every gradient, running
+statistics; the fastops.nn.ConvBNAct module."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastops
+from fastops import backends
+from fastops._layout import is_channels_last
+from fastops.reference import BN_ACTS
+from fastops.reference import conv_bias_act as ref_conv_bias_act
+
+from ._util import (INTERPRET, TOL, assert_close, assert_close_reduced, assert_close_vs_pytorch,
+                    check_compile_fullgraph, cpu_threads, make_layout, poison_allocator, rel_err, skip_unless_runnable)
+
+OP = "conv_bias_act"
+ACTS = tuple(BN_ACTS)
+
+# (N, C_in, C_out, H, W, k, stride, padding, dilation, groups, act, residual, conv_bias)
+CASES = [
+    (2, 16, 24, 9, 9, 1, 1, 0, 1, 1, "relu", False, False),         # ResNet 1x1
+    (1, 8, 16, 11, 13, 3, 1, 1, 1, 1, "relu", True, False),         # 3x3 + shortcut (bottleneck end)
+    (2, 12, 8, 10, 9, 3, 2, 1, 1, 1, "relu6", False, True),         # stride 2, conv bias
+    (1, 3, 16, 17, 15, 7, 2, 3, 1, 1, "relu", False, False),        # ResNet stem 7x7/2
+    (2, 16, 16, 9, 10, 3, 1, 1, 1, 16, "relu6", False, False),      # MobileNetV2 depthwise
+    (1, 24, 24, 12, 11, 5, 2, 2, 1, 24, "silu", False, False),      # depthwise 5x5/2
+    (2, 12, 20, 7, 8, 3, 1, 2, 2, 4, "gelu", True, True),           # grouped, dilated
+    (1, 37, 19, 5, 6, 1, 1, 0, 1, 1, "hardswish", True, False),     # odd channels
+    (2, 6, 10, 6, 7, 3, 1, 1, 1, 1, "none", True, False),           # projection + residual, no act
+]
+NAMES = ("output", "grad_x", "grad_weight", "grad_conv_bias", "grad_bn_weight", "grad_bn_bias", "grad_residual")
+
+
+def _case_id(c):
+    N, ci, co, H, W, k, s, p, d, g, act, res, bias = c
+    return (f"{N}x{ci}x{H}x{W}-o{co}-k{k}s{s}" + (f"d{d}" if d > 1 else "") + (f"g{g}" if g > 1 else "")
+            + f"-{act}" + ("-res" if res else "") + ("-bias" if bias else ""))
+
+
+def _out_hw(c):
+    N, ci, co, H, W, k, s, p, d, g = c[:10]
+    return (H + 2 * p - d * (k - 1) - 1) // s + 1, (W + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _case(case, dtype, device="cpu"):
+    N, ci, co, H, W, k, s, p, d, g, act, res, bias = case
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    oh, ow = _out_hw(case)
+    x = torch.randn(N, ci, H, W, device=device).to(dtype)
+    w = (torch.randn(co, ci // g, k, k, device=device) / (ci // g * k * k) ** 0.5).to(dtype)
+    cb = (torch.randn(co, device=device) * 0.3).to(pdt) if bias else None
+    bw = (torch.randn(co, device=device) * 0.5 + 1).to(pdt)
+    bb = (torch.randn(co, device=device) * 0.5).to(pdt)
+    r = torch.randn(N, co, oh, ow, device=device).to(dtype) if res else None
+    rm = (torch.randn(co, device=device) * 0.3).to(pdt)
+    rv = (torch.rand(co, device=device) + 0.5).to(pdt)
+    return [x, w, cb, bw, bb, r], [rm, rv], dict(stride=s, padding=p, dilation=d, groups=g, act=act)
+
+
+def _run(backend, tensors, stats, opts, training, go, layout="contiguous", cast=lambda t: t):
+    leaves = [None if t is None else cast(t).detach().requires_grad_() for t in tensors]
+    rm, rv = (cast(s).clone() for s in stats)
+    x, w, cb, bw, bb, r = leaves
+    xin = make_layout(x, layout)
+    rin = None if r is None else make_layout(r, layout)
+    with fastops.use_backend(backend):
+        y = fastops.conv_bn_act(xin, w, cb, bw, bb, rm, rv, 1e-5, opts["stride"], opts["padding"],
+                                opts["dilation"], opts["groups"], opts["act"], rin, training, 0.1)
+    y.backward(cast(go))
+    return [y] + [None if t is None else t.grad for t in leaves], [rm, rv]
+
+
+def _run_conv_in_dtype(tensors, stats, opts, go):
+    """The float64 reference given the conv output rounded to x's dtype (BN, residual and activation in
+    float64): what a training step computes when the conv output is stored in x's dtype, as both PyTorch and
+    fastops store it, before the batch statistics are taken."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in tensors]
+    x, w, cb, bw, bb, r = leaves
+    rm, rv = (s.double().clone() for s in stats)
+    y = F.conv2d(x.double(), w.double(), None if cb is None else cb.double(), opts["stride"], opts["padding"],
+                 opts["dilation"], opts["groups"]).to(x.dtype)  # one rounding, as conv_bias_act stores it
+    out = fastops.reference.bn_act(y.double(), bw.double(), bb.double(), rm, rv, 1e-5, opts["act"],
+                                   None if r is None else r.double(), True, 0.1)
+    out.backward(go.double())
+    return [out] + [None if t is None else t.grad for t in leaves], [rm, rv]
+
+
+def _check_all(backend, case, dtype, device, training, layout="contiguous"):
+    tensors, stats, opts = _case(case, dtype, device)
+    skip_unless_runnable(OP, backend, tensors[0], tensors[1], opts["groups"])
+    oh, ow = _out_hw(case)
+    go = torch.randn(case[0], case[2], oh, ow, device=device).to(dtype)
+    cpu = [None if t is None else t.cpu() for t in tensors]
+    cstats = [s.cpu() for s in stats]
+    ref, ref_stats = _run("reference", cpu, cstats, opts, training, go.cpu(), cast=lambda t: t.double())
+    low = dtype in (torch.float16, torch.bfloat16)
+    if low and training:
+        ref, ref_stats = _run_conv_in_dtype(cpu, cstats, opts, go.cpu())
+    same, same_stats = _run("reference", cpu, cstats, opts, training, go.cpu())  # PyTorch's ops in `dtype`
+    poison_allocator(4 * max(tensors[0].numel(), go.numel()), device)
+    got, got_stats = _run(backend, tensors, stats, opts, training, go, layout)
+    y = got[0]
+    assert y.dtype == dtype and tuple(y.shape) == tuple(go.shape)
+    if (layout == "channels_last" and is_channels_last(make_layout(tensors[0], layout))
+            and min(y.shape[1], y.shape[2] * y.shape[3]) > 1):
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    for g, r, rs, what in zip(got, ref, same, NAMES):
+        assert (g is None) == (r is None), what
+        if g is None:
+            continue
+        if what in ("output", "grad_residual", "grad_x"):
+            assert g.dtype == dtype, what
+        if what == "grad_conv_bias" and training:
+            # Zero in exact arithmetic (BN removes any per-channel constant): held to rounding-noise size.
+            scale = ref[NAMES.index("grad_bn_bias")].norm().item()
+            assert g.norm().item() <= max(TOL[dtype] * scale, 4 * rs.norm().item()), what
+        elif what == "output":
+            assert_close(g, r, dtype, what)
+        elif low:
+            # half / bf16: the relu-like masks of the backward flip near 0 under any rounding of the forward
+            # (e.g. of the conv bias into the conv output), so no computation in `dtype` reaches TOL of the
+            # float64 gradients.
+            assert_close_vs_pytorch(g, r, rs, dtype, what)
+        else:
+            assert_close_reduced(g, r, rs, dtype, what)
+    if training:
+        for g, r, what in zip(got_stats, ref_stats, ("running_mean", "running_var")):
+            # fp32 statistics of the conv output, which half / bf16 store rounded (and round the conv bias into).
+            assert_close(g, r, dtype if low else torch.float64 if dtype == torch.float64 else torch.float32, what)
+    else:
+        for g, s in zip(got_stats, stats):
+            assert torch.equal(g, s), "eval mode changed a running statistic"
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cpu_backend(dtype, case, layout, training):
+    _check_all("cpu", case, dtype, "cpu", training, layout)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6]], ids=_case_id)
+def test_cpu_backend_float64_and_strided(case, training):
+    _check_all("cpu", case, torch.float64, "cpu", training)
+    _check_all("cpu", case, torch.float32, "cpu", training, "strided")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton interpreter is off (a GPU is present: see the gpu tests)")
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 1, 2, 4, 5, 7)], ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_interpreted(dtype, case, layout, training):
+    _check_all("triton", case, dtype, "cpu", training, layout)
+
+
+RESNET_MBV2 = [  # batch 2 versions of the model layers
+    (2, 64, 256, 56, 56, 1, 1, 0, 1, 1, "relu", True, False), (2, 128, 128, 56, 56, 3, 2, 1, 1, 1, "relu", False, False),
+    (2, 256, 256, 14, 14, 3, 1, 1, 1, 1, "relu", False, False), (2, 144, 144, 56, 56, 3, 1, 1, 1, 144, "relu6", False, False),
+    (2, 144, 24, 56, 56, 1, 1, 0, 1, 1, "none", True, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", CASES + RESNET_MBV2, ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gpu_backends(backend, dtype, case, layout, training, monkeypatch):
+    if dtype == torch.float32:
+        # fp32 tl.dot may use tf32; the cuda backend's dense convs are cuDNN's, which follow
+        # torch.backends.cudnn.allow_tf32 (True by default) as F.conv2d does.
+        monkeypatch.setitem(TOL, torch.float32, 3e-4)
+    _check_all(backend, case, dtype, "cuda", training, layout)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(n=st.integers(1, 2), ci=st.integers(1, 12), co=st.integers(1, 12), h=st.integers(3, 11),
+       w=st.integers(3, 11), k=st.sampled_from([1, 3]), s=st.integers(1, 2), dw=st.booleans(),
+       act=st.sampled_from(ACTS), res=st.booleans(), training=st.booleans(), cl=st.booleans())
+def test_cpu_random_shapes(n, ci, co, h, w, k, s, dw, act, res, training, cl):
+    if dw:
+        co = ci
+    if training and n * ((h - 1) // s + 1) * ((w - 1) // s + 1) < 2:
+        n = 2
+    case = (n, ci, co, h, w, k, s, k // 2, 1, ci if dw else 1, act, res, False)
+    _check_all("cpu", case, torch.float32, "cpu", training, "channels_last" if cl else "contiguous")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_thread_counts(threads):
+    with cpu_threads(threads):
+        for case in (CASES[1], CASES[4]):
+            _check_all("cpu", case, torch.float32, "cpu", True)
+            _check_all("cpu", case, torch.float32, "cpu", False, "channels_last")
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("groups", [1, 3], ids=["dense", "depthwise"])
+def test_gradcheck_cpu_float64(training, groups):
+    case = (2, 3, 3, 4, 5, 3, 1, 1, 1, groups, "silu", True, True)
+    tensors, stats, opts = _case(case, torch.float64)
+    inputs = tuple(t.detach().requires_grad_() for t in tensors)
+
+    def f(x, w, cb, bw, bb, r):
+        with fastops.use_backend("cpu"):
+            return fastops.conv_bn_act(x, w, cb, bw, bb, stats[0].clone(), stats[1].clone(), 1e-5,
+                                       opts["stride"], opts["padding"], opts["dilation"], opts["groups"],
+                                       opts["act"], r, training)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def _op_args(case=CASES[1], dtype=torch.float32):
+    (x, w, cb, bw, bb, r), _, o = _case(case, dtype)
+    b = torch.randn(w.shape[0])
+    p = o["padding"]
+    return (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), r.requires_grad_(), [o["stride"]] * 2,
+            [p, p, p, p], [o["dilation"]] * 2, o["groups"], o["act"])
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[7]], ids=_case_id)
+def test_opcheck_cpp(case):
+    args = _op_args(case)
+    skip_unless_runnable(OP, "cpu", args[0], args[1], args[7])
+    torch.library.opcheck(torch.ops.fastops.conv_bias_act.default, args)
+    det = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    out = torch.ops.fastops.conv_bias_act(*det)
+    torch.library.opcheck(torch.ops.fastops.conv_bias_act_backward.default,
+                          (torch.randn_like(out), det[0], det[1], det[2], det[3], out, *det[4:]))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter off")
+def test_opcheck_triton():
+    torch.library.opcheck(torch.ops.fastops.conv_bias_act_triton.default, _op_args(CASES[7]))
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRET, reason="interpreter off"))])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_torch_compile_fullgraph(backend, training):
+    tensors, stats, o = _case(CASES[7], torch.float32)
+
+    def f(x, w, cb, bw, bb, r, rm, rv):
+        return fastops.conv_bn_act(x, w, cb, bw, bb, rm, rv, 1e-5, o["stride"], o["padding"], o["dilation"],
+                                   o["groups"], o["act"], r, training) * 2
+
+    def run(fn):
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+        rm, rv = (s.clone() for s in stats)
+        y = fn(*leaves, rm, rv)
+        y.square().sum().backward()
+        return [y] + [None if t is None else t.grad for t in leaves] + [rm, rv]
+
+    check_compile_fullgraph(backend, f, run, NAMES + ("running_mean", "running_var"))
+
+
+def test_conv_bias_act_public_function():
+    tensors, _, o = _case(CASES[6], torch.float32)
+    x, w, cb, _, _, r = tensors
+    y = fastops.conv_bias_act(x, w, cb, o["stride"], o["padding"], o["dilation"], o["groups"], o["act"], r)
+    p = o["padding"]
+    ref = ref_conv_bias_act(x.double(), w.double(), cb.double(), r.double(), [o["stride"]] * 2, [p] * 4,
+                            [o["dilation"]] * 2, o["groups"], o["act"])
+    assert_close(y, ref, torch.float32)
+    y2 = fastops.conv_bias_act(x, w[:, :, :, :2], None, padding="same", groups=4)
+    # "same" for a 3x2 kernel: one row above and below, the extra column at the end (as PyTorch pads).
+    assert_close(y2, F.conv2d(F.pad(x.double(), (0, 1, 1, 1)), w[:, :, :, :2].double(), groups=4), torch.float32)
+
+
+def test_eval_runs_no_batchnorm_or_activation_pass():
+    """Eval conv_bn_act is one conv_bias_act kernel: no batch_norm, activation or add op on the feature map."""
+    tensors, stats, o = _case(CASES[1], torch.float32)
+    x, w, cb, bw, bb, r = tensors
+    skip_unless_runnable(OP, "cpu", x, w, 1)
+    with torch.no_grad(), torch.profiler.profile() as prof, fastops.use_backend("cpu"):
+        fastops.conv_bn_act(x, w, cb, bw, bb, *stats, 1e-5, 1, 1, 1, 1, "relu", r)
+    names = [e.name for e in prof.events()]
+    assert names.count("fastops::conv_bias_act") == 1, names
+    for banned in ("aten::batch_norm", "aten::native_batch_norm", "aten::relu", "aten::relu_", "fastops::bn_act"):
+        assert banned not in names, (banned, names)
+
+
+def test_autocast_cpu_bf16():
+    tensors, stats, o = _case(CASES[1], torch.float32)
+    x, w, cb, bw, bb, r = tensors
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fastops.conv_bn_act(x, w, cb, bw, bb, *stats, 1e-5, 1, 1, 1, 1, "relu", r.bfloat16())
+    assert y.dtype == torch.bfloat16
+    ref = fastops.reference.conv_bn_act(x.bfloat16().double(), w.bfloat16().double(), None, bw.double(),
+                                        bb.double(), stats[0].double(), stats[1].double(), 1e-5, 1, 1, 1, 1, "relu",
+                                        r.bfloat16().double())
+    assert_close(y, ref, torch.bfloat16)
+
+
+# The module ------------------------------------------------------------------------------------------
+
+def test_module_convbnact_matches_conv_bn_act_and_refreshes_its_fold():
+    torch.manual_seed(2)
+    m = fastops.nn.ConvBNAct(8, 16, 3, stride=2, act="relu6")
+    conv, bn = torch.nn.Conv2d(8, 16, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(16)
+    assert set(m.state_dict()) == {"conv." + k for k in conv.state_dict()} | {"bn." + k for k in bn.state_dict()}
+    conv.load_state_dict(m.conv.state_dict())
+    bn.load_state_dict(m.bn.state_dict())
+    x = torch.randn(2, 8, 11, 10)
+    for _ in range(2):  # train: batch statistics, running stats, num_batches_tracked
+        assert_close(m(x), F.relu6(bn(conv(x))), torch.float32)
+    for k, v in bn.state_dict().items():
+        assert torch.allclose(m.bn.state_dict()[k].double(), v.double(), rtol=1e-5, atol=1e-6), k
+    m.eval(), bn.eval()
+    with torch.no_grad():
+        assert_close(m(x), F.relu6(bn(conv(x))), torch.float32)
+        for mod in (m.bn, bn):  # an in-place change of a running statistic must reach the cached fold
+            mod.running_var.mul_(3.0)
+        assert_close(m(x), F.relu6(bn(conv(x))), torch.float32)
+        m.conv.weight.add_(0.5), conv.weight.add_(0.5)
+        assert_close(m(x), F.relu6(bn(conv(x))), torch.float32)
+
+
+def test_module_from_timm_conv_norm_act():
+    timm_layers = pytest.importorskip("timm.layers")
+    src = timm_layers.ConvNormAct(6, 10, 3, stride=1, act_layer=torch.nn.SiLU).eval()
+    with torch.no_grad():
+        src.bn.running_mean.normal_(), src.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 6, 9, 9)
+    ref = src(x)
+    assert fastops.nn.ConvBNAct.is_convertible(src)
+    m = fastops.optimize(src)
+    assert isinstance(m, fastops.nn.ConvBNAct) and m.act_name == "silu"
+    assert set(m.state_dict()) == set(src.state_dict())
+    assert_close(m(x), ref, torch.float32)
+
+
+# Bad inputs: each raises an error that names the argument. ------------------------------------------
+
+def _good():
+    return [torch.randn(2, 8, 6, 6), torch.randn(4, 8, 3, 3), None, torch.randn(4), torch.randn(4), torch.zeros(4),
+            torch.ones(4)], {}
+
+
+def _with(i, value):
+    args, _ = _good()
+    args[i] = value
+    return args
+
+
+@pytest.mark.parametrize("args, kwargs, exc, match", [
+    (_with(0, torch.randn(2, 8, 6, 6).int()), {}, TypeError, "x must have a floating dtype"),
+    (_with(0, torch.randn(8, 6, 6)), {}, ValueError, "x must be 4-D"),
+    (_with(1, torch.randn(4, 7, 3, 3)), {}, ValueError, "weight must have shape \\(C_out, C_in / groups, kh, kw\\)"),
+    (_with(1, torch.randn(4, 8, 3, 3).double()), {}, TypeError, "weight has dtype"),
+    (_with(2, torch.randn(5)), {}, ValueError, "bias must have shape \\(4,\\)"),
+    (_with(3, torch.randn(4, 1)), {}, ValueError, "bn_weight must be 1-D"),
+    (_with(6, None), {}, ValueError, "running_mean and running_var are required"),
+    (None, dict(groups=3), ValueError, "groups=3 must divide"),
+    (None, dict(stride=0), ValueError, "stride must be >= 1"),
+    (None, dict(padding="full"), ValueError, "padding must be an int, a pair, 'same' or 'valid'"),
+    (None, dict(padding="same", stride=2), ValueError, "padding='same' needs stride 1"),
+    (None, dict(act="tanh"), ValueError, "act must be one of"),
+    (None, dict(residual=torch.randn(2, 4, 6, 6)), ValueError, "residual must have the output's shape"),
+    (None, dict(training=1), TypeError, "training must be a bool"),
+    ([torch.randn(1, 8, 2, 2), torch.randn(4, 8, 5, 5), None, None, None, torch.zeros(4), torch.ones(4)], {},
+     ValueError, "dilated kernel \\(5x5\\) is larger than the padded input"),
+])
+def test_bad_inputs(args, kwargs, exc, match):
+    good_args, good_kwargs = _good()
+    with pytest.raises(exc, match=match):
+        fastops.conv_bn_act(*(args or good_args), **{**good_kwargs, **kwargs})
+
+
+def test_direct_op_call_checks_shapes():
+    """torch.ops.fastops.conv_bias_act called directly (no Python front) refuses inconsistent inputs."""
+    x, w = torch.randn(2, 8, 6, 6), torch.randn(4, 8, 3, 3)
+    skip_unless_runnable(OP, "cpu", x, w, 1)
+    conv = torch.ops.fastops.conv_bias_act
+    with pytest.raises(RuntimeError, match="weight"):
+        conv(x, torch.randn(4, 7, 3, 3), None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, "relu")
+    with pytest.raises(RuntimeError, match="bias"):
+        conv(x, w, torch.randn(5), None, [1, 1], [1, 1, 1, 1], [1, 1], 1, "relu")
+    with pytest.raises(RuntimeError, match="residual"):
+        conv(x, w, None, torch.randn(2, 4, 5, 6), [1, 1], [1, 1, 1, 1], [1, 1], 1, "relu")
+    with pytest.raises(RuntimeError, match="groups"):
+        conv(x, w, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 3, "relu")
+    with pytest.raises(RuntimeError, match="act"):
+        conv(x, w, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, "tanh")
+    with pytest.raises(RuntimeError, match="stride"):
+        conv(x, w, None, None, [0, 1], [1, 1, 1, 1], [1, 1], 1, "relu")
+
+
+def test_forced_backend_that_cannot_run_says_why():
+    args, kwargs = _good()
+    with fastops.use_backend("cuda"), pytest.raises(backends.BackendUnavailable, match="needs CUDA tensors"):
+        fastops.conv_bn_act(*args, **kwargs)
