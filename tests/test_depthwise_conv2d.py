@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastops
+from fastops.nn.conv_bn import FusedConv2d
 from fastops import backends
 from fastops._layout import is_channels_last
 from fastops.ops.depthwise_conv2d import _padding4
@@ -287,8 +288,11 @@ def test_optimize_swaps_depthwise_convs_and_keeps_outputs():
         ref = model(x)
     n_dw = sum(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
     fastops.optimize(model)
-    swapped = [m for m in model.modules() if isinstance(m, fastops.nn.DepthwiseConv2d)]
+    # Each is followed by a BatchNorm2d and a ReLU6, so optimize fuses all three into one conv_bn_act call.
+    swapped = [m for m in model.modules() if isinstance(m, (fastops.nn.DepthwiseConv2d, FusedConv2d)) and m.groups > 1]
     assert len(swapped) == n_dw == 17
+    assert all(type(m) in (fastops.nn.DepthwiseConv2d, FusedConv2d) for m in model.modules()
+               if isinstance(m, nn.Conv2d) and m.groups > 1)
     with torch.no_grad():
         out = model(x)
     assert_close(out, ref.double(), torch.float32, tol=1e-4)  # 50+ layers of fp32 rounding
@@ -304,6 +308,7 @@ def test_optimize_timm_mobilenetv2():
         ref = model(x)
         fastops.optimize(model)
         out = model(x)
-    assert any(isinstance(m, fastops.nn.DepthwiseConv2d) for m in model.modules())
+    dw = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert dw and all(type(m) in (fastops.nn.DepthwiseConv2d, FusedConv2d) for m in dw)
     assert set(model.state_dict()) == keys
     assert_close(out, ref.double(), torch.float32, tol=1e-4)
