@@ -26,3 +26,5 @@ def create_model(name: str, fused: bool = True, **kwargs):
 from . import resnet  # noqa: E402,F401  (registers the ResNet family)
 from . import swin  # noqa: E402,F401  (registers the Swin Transformer family)
 from . import pvt_v2  # noqa: E402,F401  (registers the PVTv2 family)
+from . import mobilenetv2  # noqa: E402,F401  (registers the MobileNetV2 family)
+from . import densenet  # noqa: E402,F401  (registers the DenseNet family)

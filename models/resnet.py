@@ -1,14 +1,18 @@
-"""ResNet / SE-ResNet / CBAM-ResNet with timm's model names and state_dict keys, on fastops attention ops.
+"""ResNet / SE-ResNet / CBAM-ResNet with timm's model names and state_dict keys, on fastops ops.
 
 The layout follows ``timm.models.resnet`` (torchvision-style "b" ResNet: 7x7 stem, 1x1 downsample
 conv), so ``model.load_state_dict(timm.create_model(name).state_dict())`` works with ``strict=True``.
 
-* ``fused=True``: the attention modules are :class:`fastops.nn.SqueezeExcite` /
-  :class:`fastops.nn.CbamModule`. An SE block's ``relu(se(x) + shortcut)`` is one
-  :func:`fastops.squeeze_excite` call (``residual=shortcut, out_act="relu"``).
-* ``fused=False``: the same modules (same keys) computed in plain PyTorch with
-  :mod:`fastops.reference`; no fastops kernel is called. This is the baseline the fused model is
-  checked against.
+* ``fused=True``: every conv -> BN (-> ReLU) pair is one :func:`fastops.nn.conv_bn_act_modules` call (the stem,
+  each block's convs, the downsample with act ``"none"``). Without attention a block's last
+  ``relu(bn3(conv3(x)) + shortcut)`` is one call with ``residual=shortcut``. With attention the last conv -> BN
+  is a call with act ``"none"`` and the attention modules are :class:`fastops.nn.SqueezeExcite` /
+  :class:`fastops.nn.CbamModule`; an SE block's ``relu(se(x) + shortcut)`` is one :func:`fastops.squeeze_excite`
+  call (``residual=shortcut, out_act="relu"``). BN keeps ``nn.BatchNorm2d``'s semantics (train / eval, running
+  statistics, ``num_batches_tracked``).
+* ``fused=False``: the same modules (same keys) computed in plain PyTorch (the modules' own forwards,
+  :mod:`fastops.reference` for the attention); no fastops kernel is called. This is the baseline the fused
+  model is checked against.
 
 timm is not imported here.
 """
@@ -19,8 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fastops.nn as fnn
 from fastops import reference as _ref
 from fastops.nn import CbamModule, SqueezeExcite
+from fastops.nn.conv_bn import BNFoldCache
 from fastops.nn.layers import DropPath
 
 from . import register_model
@@ -57,11 +63,45 @@ _ATTN = {
 }
 
 
+def _bn(channels: int) -> nn.BatchNorm2d:
+    """A BatchNorm2d that carries the cache of its eval-mode fold into the preceding conv, so that the fused
+    path folds once per weight change instead of once per call."""
+    bn = nn.BatchNorm2d(channels)
+    bn.fold_cache = BNFoldCache()
+    return bn
+
+
+def _cba(x, conv, bn, act, residual=None):
+    """``act(bn(conv(x)) + residual)`` as one :func:`fastops.nn.conv_bn_act_modules` call."""
+    return fnn.conv_bn_act_modules(x, conv, bn, act=act, residual=residual, fold_cache=bn.fold_cache)
+
+
+def _drop_path_active(drop_path) -> bool:
+    return drop_path is not None and drop_path.training and drop_path.drop_prob > 0.0
+
+
+def _downsample(block, x):
+    """The shortcut: ``x``, or the downsample's conv -> BN (one fused call when the block is fused)."""
+    ds = block.downsample
+    if ds is None:
+        return x
+    if block.fused:
+        return _cba(x, ds[0], ds[1], "none")
+    return ds(x)
+
+
+def _fused_last(block, x, conv, bn, shortcut):
+    """``relu(attn(bn(conv(x))) + shortcut)`` of a fused block. Without attention and without an active drop
+    path (which must scale the branch before the add) conv, BN, the residual add and the ReLU are one call."""
+    if block.se is None and not _drop_path_active(block.drop_path):
+        return _cba(x, conv, bn, "relu", residual=shortcut)
+    return _attn_out(block, _cba(x, conv, bn, "none"), shortcut)
+
+
 def _attn_out(block, x, shortcut):
     """``act(drop_path(attn(x)) + shortcut)``; one fused SE call when there is no active drop path."""
     drop_path = block.drop_path
-    if isinstance(block.se, SqueezeExcite) and (drop_path is None or not drop_path.training
-                                                 or drop_path.drop_prob == 0.0):
+    if isinstance(block.se, SqueezeExcite) and not _drop_path_active(drop_path):
         return block.se(x, residual=shortcut, out_act="relu")
     if block.se is not None:
         x = block.se(x)
@@ -75,18 +115,20 @@ def _attn_out(block, x, shortcut):
 class BasicBlock(nn.Module):
     """timm's ``BasicBlock`` (ResNet-18/34): conv3x3-bn-relu, conv3x3-bn, [attention], + shortcut, relu.
 
-    Keys: conv1, bn1, conv2, bn2, se (when attention), downsample.0 / .1 (when it changes shape)."""
+    Keys: conv1, bn1, conv2, bn2, se (when attention), downsample.0 / .1 (when it changes shape).
+    ``fused``: each conv -> BN (-> ReLU) through :func:`fastops.nn.conv_bn_act_modules`."""
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, attn_layer=None, drop_path=None):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, attn_layer=None, drop_path=None, fused=True):
         super().__init__()
+        self.fused = bool(fused)
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = _bn(planes)
         self.drop_block = nn.Identity()
         self.act1 = nn.ReLU(inplace=True)
         self.aa = nn.Identity()
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = _bn(planes)
         self.se = attn_layer(planes) if attn_layer is not None else None
         self.act2 = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -96,7 +138,10 @@ class BasicBlock(nn.Module):
         nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x):
-        shortcut = self.downsample(x) if self.downsample is not None else x
+        shortcut = _downsample(self, x)
+        if self.fused:
+            x = _cba(x, self.conv1, self.bn1, "relu")
+            return _fused_last(self, x, self.conv2, self.bn2, shortcut)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.bn2(self.conv2(x))
         return _attn_out(self, x, shortcut)
@@ -104,26 +149,28 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     """timm's ``Bottleneck`` (ResNet-50+): conv1x1-bn-relu, conv3x3(stride)-bn-relu, conv1x1-bn,
-    [attention on bn3's output], + shortcut, relu. With SE and ``fused=True`` the last three steps are one
-    :func:`fastops.squeeze_excite` call.
+    [attention on bn3's output], + shortcut, relu. With ``fused=True`` each conv -> BN (-> ReLU) is one
+    :func:`fastops.nn.conv_bn_act_modules` call; without attention conv3 -> bn3 -> + shortcut -> relu is one call,
+    with SE the last three steps are one :func:`fastops.squeeze_excite` call.
 
     Keys: conv1, bn1, conv2, bn2, conv3, bn3, se (when attention), downsample.0 / .1."""
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, attn_layer=None, drop_path=None):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, attn_layer=None, drop_path=None, fused=True):
         super().__init__()
+        self.fused = bool(fused)
         width = planes
         outplanes = planes * self.expansion
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = _bn(width)
         self.act1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = _bn(width)
         self.drop_block = nn.Identity()
         self.act2 = nn.ReLU(inplace=True)
         self.aa = nn.Identity()
         self.conv3 = nn.Conv2d(width, outplanes, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(outplanes)
+        self.bn3 = _bn(outplanes)
         self.se = attn_layer(outplanes) if attn_layer is not None else None
         self.act3 = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -133,7 +180,11 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x):
-        shortcut = self.downsample(x) if self.downsample is not None else x
+        shortcut = _downsample(self, x)
+        if self.fused:
+            x = _cba(x, self.conv1, self.bn1, "relu")
+            x = _cba(x, self.conv2, self.bn2, "relu")
+            return _fused_last(self, x, self.conv3, self.bn3, shortcut)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
         x = self.bn3(self.conv3(x))
@@ -161,7 +212,7 @@ class ResNet(nn.Module):
         (linear over blocks, as timm).  global_pool: ``"avg"`` only.  zero_init_last: zero the last BN
         weight of every block at init (timm's default).
         block_args: ``dict(attn_layer=None | "se" | "cbam")``.
-        fused: attention via the fastops ops (True) or the plain-PyTorch reference (False).
+        fused: conv -> BN -> act and attention via the fastops ops (True) or plain PyTorch (False).
     """
 
     def __init__(self, block, layers, num_classes=1000, in_chans=3, drop_rate=0.0, drop_path_rate=0.0,
@@ -184,7 +235,7 @@ class ResNet(nn.Module):
         self.drop_rate = drop_rate
 
         self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = _bn(64)
         self.act1 = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
@@ -196,12 +247,13 @@ class ResNet(nn.Module):
             if stride != 1 or inplanes != planes * block.expansion:
                 downsample = nn.Sequential(
                     nn.Conv2d(inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-                    nn.BatchNorm2d(planes * block.expansion))
+                    _bn(planes * block.expansion))
             blocks = []
             for i in range(n):
                 dpr = drop_path_rate * idx / (total - 1)
                 blocks.append(block(inplanes, planes, stride if i == 0 else 1, downsample if i == 0 else None,
-                                    attn_layer=attn_layer, drop_path=DropPath(dpr) if dpr > 0 else None))
+                                    attn_layer=attn_layer, drop_path=DropPath(dpr) if dpr > 0 else None,
+                                    fused=fused))
                 inplanes = planes * block.expansion
                 idx += 1
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
@@ -219,7 +271,10 @@ class ResNet(nn.Module):
                     m.zero_init_last()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        if self.fused:
+            x = self.maxpool(_cba(x, self.conv1, self.bn1, "relu"))
+        else:
+            x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
