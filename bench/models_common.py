@@ -28,7 +28,7 @@ import torch
 import fastops
 import fastops.models as fastops_models
 from fastops import backends
-from roofline import FUSED_BACKENDS, Case, Provider, bench_device
+from roofline import FUSED_BACKENDS, Case, Provider, bench_device, fmt_time
 
 OP = "model"
 ALL_LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -201,3 +201,45 @@ class FastopsModel(Provider):
 
     def build(self):
         return self.bench.fastops_model(self.name, self.layout).train(self.train)
+
+
+def best_timm_summary(results, models: Sequence[str], title: str, accept: Mapping[str, float],
+                      layouts: Sequence[str], width: int = 12) -> List[str]:
+    """The summary lines of a model file: per layout, each provider's eval-forward time for each of `models`,
+    every fastops provider's speed against the better of timm eager / timm compiled, and a PASS / FAIL line
+    per model in `accept` ({name: bar}). Other model files share the op name "model" (and may time the same
+    model): only the given models' ``fwd`` results count."""
+    mine = [r for r in results if r.op == OP and r.meta.get("model") in models and r.mode == "fwd"]
+    if not mine:
+        return []
+    t = {(r.meta["model"], r.layout, r.provider): r.time_s for r in mine}
+
+    def best_timm(m, layout):
+        base = [t[k] for k in ((m, layout, "eager"), (m, layout, "compile")) if k in t]
+        return min(base) if base else None
+
+    lines = [f"{title}: each provider's time; fastops against the better of timm eager / timm compiled"]
+    for layout in layouts:
+        provs = [p for p in ("eager", "compile") + FUSED_BACKENDS if any((m, layout, p) in t for m in models)]
+        if not provs:
+            continue
+        lines.append(f"  {layout}: {'provider':<18} " + " ".join(f"{m:>{width}} {'×best-timm':>10}" for m in models))
+        for p in provs:
+            fused = p in FUSED_BACKENDS
+            cells = []
+            for m in models:
+                tm, base = t.get((m, layout, p)), best_timm(m, layout)
+                x = f"{base / tm:.2f}" if fused and tm and base else "-"
+                cells.append(f"{fmt_time(tm) if tm else '-':>{width}} {x:>10}")
+            label = f"{p} ({'fastops' if fused else 'timm'})"
+            lines.append(f"  {'':<{len(layout)}}  {label:<18} " + " ".join(cells))
+        for m, bar in accept.items():
+            base = best_timm(m, layout)
+            for p in FUSED_BACKENDS:
+                if (m, layout, p) in t and base:
+                    x = base / t[(m, layout, p)]
+                    lines.append(f"  acceptance {m} {layout} {p}: ×best-timm {x:.2f} (>= {bar:.1f}: "
+                                 f"{'PASS' if x >= bar else 'FAIL'})")
+    if not any(r.provider in FUSED_BACKENDS for r in mine):
+        lines.append("  no fastops model ran here (`python -m fastops info` says why)")
+    return lines

@@ -15,8 +15,8 @@ model with the better of timm eager and timm compiled (acceptance: pvt_v2_b0 >= 
 """
 import torch
 
-from models_common import OP, ModelBench, model_layouts
-from roofline import FUSED_BACKENDS, add_summary, fmt_time, parametrize
+from models_common import ModelBench, best_timm_summary, model_layouts
+from roofline import add_summary, parametrize
 
 MODELS = ("pvt_v2_b0", "pvt_v2_b2")  # fastops.models names; timm's are the same
 BATCH = 8
@@ -38,35 +38,5 @@ def test_models_pvt(time_case, case, provider):
 
 @add_summary
 def _summary(results, machine):
-    # Other model files share the op name "model": only this file's models and mode count here.
-    mine = [r for r in results if r.op == OP and r.meta.get("model") in MODELS and r.mode == "fwd"]
-    if not mine:
-        return []
-    t = {(r.meta["model"], r.layout, r.provider): r.time_s for r in mine}
-    lines = [f"pvt summary (batch {BATCH}, {RES}x{RES}, fp32, eval forward): each provider's time; fastops "
-             f"against the better of timm eager / timm compiled"]
-    for layout in LAYOUTS:
-        provs = [p for p in ("eager", "compile") + FUSED_BACKENDS if any((m, layout, p) in t for m in MODELS)]
-        if not provs:
-            continue
-        lines.append(f"  {layout}: {'provider':<18} " + " ".join(f"{m:>12} {'×best-timm':>10}" for m in MODELS))
-        for p in provs:
-            fused = p in FUSED_BACKENDS
-            cells = []
-            for m in MODELS:
-                tm = t.get((m, layout, p))
-                base = [t[k] for k in ((m, layout, "eager"), (m, layout, "compile")) if k in t]
-                x = f"{min(base) / tm:.2f}" if fused and tm and base else "-"
-                cells.append(f"{fmt_time(tm) if tm else '-':>12} {x:>10}")
-            label = f"{p} ({'fastops' if fused else 'timm'})"
-            lines.append(f"  {'':<{len(layout)}}  {label:<18} " + " ".join(cells))
-        for m, bar in ACCEPT_X_BEST_TIMM.items():
-            base = [t[k] for k in ((m, layout, "eager"), (m, layout, "compile")) if k in t]
-            for p in FUSED_BACKENDS:
-                if (m, layout, p) in t and base:
-                    x = min(base) / t[(m, layout, p)]
-                    lines.append(f"  acceptance {m} {layout} {p}: ×best-timm {x:.2f} (>= {bar:.1f}: "
-                                 f"{'PASS' if x >= bar else 'FAIL'})")
-    if not any(r.provider in FUSED_BACKENDS for r in mine):
-        lines.append("  no fastops model ran here (`python -m fastops info` says why)")
-    return lines
+    return best_timm_summary(results, MODELS, f"pvt summary (batch {BATCH}, {RES}x{RES}, fp32, eval forward)",
+                             ACCEPT_X_BEST_TIMM, LAYOUTS, width=12)
