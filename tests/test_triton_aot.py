@@ -23,7 +23,7 @@ NAMES = [name for name, *_ in aot.specs()]
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "fastops.triton.aot", "80", "90"], capture_output=True,
-                         text=True, env=env, timeout=900)
+                         text=True, env=env, timeout=1800)
     assert out.returncode == 0, out.stderr[-4000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     return {(r["name"], r["cc"]): r for r in rows}

@@ -2,11 +2,16 @@
 
     python -m fastops.triton.aot 80 90      # prints one JSON line per (kernel variant, arch)
 
+Compiles run in one worker process per core (``FASTOPS_AOT_JOBS=N`` sets the number; 1: in this process).
+
 Each kernel module lists its launch variants in ``aot_specs(dtype)``. Must run with TRITON_INTERPRET
 unset: the interpreter replaces the language functions the compiler needs.
 """
+import concurrent.futures
 import importlib
 import json
+import multiprocessing
+import os
 import pkgutil
 import sys
 import time
@@ -42,15 +47,30 @@ def compile_one(kernel, sig, constexprs, cc):
             "mma": "mma.sync" in ptx or "wgmma" in ptx, "seconds": round(time.time() - t0, 2)}
 
 
+def _compile_job(job):
+    """(variant index, cc) -> its JSON line; runs in a worker process (kernels are looked up again there,
+    since jitted functions do not pickle)."""
+    index, cc = job
+    name, kernel, sig, constexprs = list(specs())[index]
+    try:
+        res = compile_one(kernel, sig, constexprs, cc)
+    except Exception as e:  # reported per variant; the caller decides
+        res = {"error": f"{type(e).__name__}: {e}"[:2000]}
+    return json.dumps({"name": name, "cc": cc, **res})
+
+
 def main(argv):
     archs = [int(a) for a in argv] or [80, 90]
-    for name, kernel, sig, constexprs in specs():
-        for cc in archs:
-            try:
-                res = compile_one(kernel, sig, constexprs, cc)
-            except Exception as e:  # reported per variant; the caller decides
-                res = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            print(json.dumps({"name": name, "cc": cc, **res}), flush=True)
+    jobs = [(i, cc) for i in range(len(list(specs()))) for cc in archs]
+    # Each compile is single-threaded; one worker per core (FASTOPS_AOT_JOBS overrides).
+    workers = int(os.environ.get("FASTOPS_AOT_JOBS", "0")) or len(os.sched_getaffinity(0))
+    if workers <= 1:
+        for job in jobs:
+            print(_compile_job(job), flush=True)
+        return
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for line in pool.map(_compile_job, jobs, chunksize=4):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
