@@ -153,7 +153,7 @@ def test_train_step_matches_timm(name):
     amplifies; seen here, timm against timm in channels_last differs by ~3e-2 (ResNet-50), ~2e-2
     (MobileNetV2) and ~2e-2 (DenseNet-121) in its worst gradients, so no float32 run of a whole network can
     be held to 1e-4 there. The fused kernels' own float32 accuracy is checked op by op in
-    test_conv_bn_act.py / test_bn_act.py."""
+    test_conv_bias_act.py / test_bn_act.py."""
     _skip_unless_float64()
     theirs = copy.deepcopy(_timm_model(name)).double()
     ours = _ours_from(theirs, name)

@@ -139,7 +139,7 @@ CASES = ([_case(*layer, dtype, False) for dtype in DTYPES for layer in LAYERS]
 
 
 @parametrize(CASES)
-def test_conv_bn_act(time_case, case, provider):
+def test_conv_bias_act(time_case, case, provider):
     time_case(case, provider)
 
 
