@@ -5,4 +5,5 @@ from .squeeze_excite import squeeze_excite  # noqa: F401
 from .window_attention import window_attention  # noqa: F401
 from .spatial_reduction import spatial_reduction  # noqa: F401
 from .sr_attention import sr_attention  # noqa: F401
-from .bn_act import BN_ACTS, bn_act, conv_bias_act, conv_bn_act  # noqa: F401
+from .bn_act import BN_ACTS, bn_act  # noqa: F401
+from .conv_bias_act import conv_bias_act, conv_bn_act  # noqa: F401
