@@ -3,6 +3,7 @@ apply to their small fp32 MLP tensors, the AOT signature builder, and the named 
 conv_bias_act as @triton.jit functions (ACT codes below; forward, derivative at z, derivative read from the
 output), matching csrc/bn_act_common.h."""
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -132,3 +133,17 @@ def aot_signatures(specs, ptr_type):
                 sig[name] = "i32"
         out.append((kernel, sig, constexprs))
     return out
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (TRITON_INTERPRET=1, CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: plain tf32 rounding of fp32 operands costs ~5e-4 relative error, so fp32 inputs
+    take the 3-pass tf32 split (still tensor cores, fp32-level error); fp16 / bf16 operands ignore it; the
+    interpreter computes exactly."""
+    if interpreting():
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "tf32"

@@ -26,7 +26,6 @@ Exposed as the opaque custom ops ``fastops::bn_act_triton`` and ``fastops::bn_ac
 arguments and results as ``fastops::bn_act`` / ``fastops::bn_act_backward``; fake kernels and autograd are
 registered by the Python front).
 """
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -247,8 +246,7 @@ def _bn_bwd_kernel(
 
 # Host side ---------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+_interpreting = _common.interpreting
 
 
 def _blocks(cl: bool, C: int, hw: int) -> Tuple[int, int]:

@@ -31,7 +31,6 @@ Exposed as the opaque custom ops ``fastops::conv_bias_act_triton`` and ``fastops
 (same arguments and results as ``fastops::conv_bias_act`` / ``fastops::conv_bias_act_backward``; fake kernels
 and autograd are registered by the Python front).
 """
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -279,17 +278,10 @@ def _cba_xgrad_kernel(
 
 # Host side ---------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+_interpreting = _common.interpreting
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: plain tf32 rounding of fp32 operands costs ~5e-4 relative error, so fp32 inputs
-    take the 3-pass tf32 split (still tensor cores, fp32-level error); fp16 / bf16 operands ignore it; the
-    interpreter computes exactly."""
-    if _interpreting():
-        return "ieee"
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+_dot_precision = _common.dot_precision
 
 
 def _p2(v: int, lo: int, hi: int) -> int:

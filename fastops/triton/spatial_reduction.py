@@ -37,7 +37,6 @@ interpreter every dot operand is cast to fp32 first, since its low-precision dot
 Exposed as the opaque custom ops ``fastops::spatial_reduction_triton`` and
 ``fastops::spatial_reduction_backward_triton`` (fake kernels and autograd: fastops/ops/spatial_reduction.py).
 """
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -315,17 +314,10 @@ def _sr_zero_rest_kernel(
 
 # Host side ---------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+_interpreting = _common.interpreting
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: plain tf32 rounding of fp32 operands costs ~5e-4 relative error, so fp32 inputs
-    take the 3-pass tf32 split (still tensor cores, fp32-level error); fp16 / bf16 operands ignore it; the
-    interpreter computes exactly."""
-    if _interpreting():
-        return "ieee"
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+_dot_precision = _common.dot_precision
 
 
 def _gemm_blocks(C: int, dtype: torch.dtype, rows: Optional[int] = None) -> Tuple[int, int, int]:

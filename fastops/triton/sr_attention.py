@@ -27,7 +27,6 @@ low-precision dot is not reliable.
 Exposed as the opaque custom ops ``fastops::sr_attention_triton`` and ``fastops::sr_attention_backward_triton``
 (fake kernels and autograd: fastops/ops/sr_attention.py).
 """
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -214,17 +213,10 @@ def _sra_sum_splits_kernel(part_ptr, gkv_ptr, TOTAL, SPLITS, BLOCK: tl.constexpr
 
 # Host side ---------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+_interpreting = _common.interpreting
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: plain tf32 rounding of fp32 operands costs ~5e-4 relative error, so fp32 inputs
-    take the 3-pass tf32 split (still tensor cores, fp32-level error); fp16 / bf16 operands ignore it; the
-    interpreter computes exactly."""
-    if _interpreting():
-        return "ieee"
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+_dot_precision = _common.dot_precision
 
 
 def _block_d(hd: int) -> int:
