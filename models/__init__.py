@@ -5,12 +5,24 @@ reference ops. Models register themselves with :func:`register_model`.
 """
 from typing import Callable, Dict, List
 
+import torch
+
 _MODELS: Dict[str, Callable] = {}
 
 
 def register_model(fn: Callable) -> Callable:
     _MODELS[fn.__name__] = fn
     return fn
+
+
+def channels_last_input(x: torch.Tensor) -> torch.Tensor:
+    """The image batch in channels_last, the layout the fused conv models run in.
+
+    oneDNN's and cuDNN's convolutions work on NHWC natively (an NCHW input is reordered on every call) and the
+    fastops depthwise / bn_act / attention kernels read both layouts, so the fused models convert the input
+    once at the stem; the logits are the same, only the strides of ``forward_features``' map differ.
+    """
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def list_models() -> List[str]:

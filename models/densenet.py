@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import fastops.nn as fnn
 
-from . import register_model
+from . import channels_last_input, register_model
 from .mobilenetv2 import BatchNormAct2d, act_name
 
 __all__ = ["DenseNet", "DenseLayer", "DenseBlock", "DenseTransition"]
@@ -166,6 +166,7 @@ class DenseNet(nn.Module):
         if not self.fused:
             return self.features(x)
         f = self.features
+        x = channels_last_input(x)
         for conv, norm in self._stem_pairs:
             norm = getattr(f, norm)
             x = fnn.conv_bn_act_modules(x, getattr(f, conv), norm, act=norm.act_name, fold_cache=norm.fold_cache)

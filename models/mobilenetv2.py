@@ -26,7 +26,7 @@ import fastops.nn as fnn
 from fastops.nn.conv_bn import BNFoldCache
 from fastops.nn.layers import DropPath
 
-from . import register_model
+from . import channels_last_input, register_model
 
 __all__ = ["MobileNetV2", "BatchNormAct2d", "DepthwiseSeparableConv", "InvertedResidual"]
 
@@ -264,6 +264,8 @@ class MobileNetV2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            x = channels_last_input(x)
         x = conv_bn_act(self.fused, x, self.conv_stem, self.bn1)
         x = self.blocks(x)
         return conv_bn_act(self.fused, x, self.conv_head, self.bn2)

@@ -29,7 +29,7 @@ from fastops.nn import CbamModule, SqueezeExcite
 from fastops.nn.conv_bn import BNFoldCache
 from fastops.nn.layers import DropPath
 
-from . import register_model
+from . import channels_last_input, register_model
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "PlainSqueezeExcite", "PlainCbamModule"]
 
@@ -272,7 +272,7 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            x = self.maxpool(_cba(x, self.conv1, self.bn1, "relu"))
+            x = self.maxpool(_cba(channels_last_input(x), self.conv1, self.bn1, "relu"))
         else:
             x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
