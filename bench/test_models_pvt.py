@@ -1,6 +1,6 @@
 """Model-level cases: fastops' ``pvt_v2_b0`` and ``pvt_v2_b2`` (fastops.models: every block's reduction one
-fastops.spatial_reduction call, its attention one fastops.sr_attention call, its MLP's depthwise conv one
-fastops.depthwise_conv2d call on the tokens in place) against timm's, batch 8, 224x224, fp32, eval-mode forward
+fastops.spatial_reduction call, its attention one fastops.sr_attention call, its MLP's depthwise conv + GELU one
+fastops.conv_bias_act call on the tokens in place) against timm's, batch 8, 224x224, fp32, eval-mode forward
 (the harness runs ``fwd`` cases under torch.no_grad), on the same weights (timm's state_dict loaded strict; the
 machinery is bench/models_common.py's).
 

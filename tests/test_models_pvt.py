@@ -21,7 +21,7 @@ timm = pytest.importorskip("timm")
 
 TOL = 1e-4
 NAMES = ["pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5", "pvt_v2_b2_li"]
-OPS = ("spatial_reduction", "sr_attention", "depthwise_conv2d")
+OPS = ("spatial_reduction", "sr_attention", "conv_bias_act", "depthwise_conv2d")
 
 
 def _randomize_(model):
@@ -123,9 +123,9 @@ SMALL = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 40, 64), num_heads=(1, 2, 
 
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b2_li"])
 def test_fused_calls_ops_plain_never(monkeypatch, name):
-    """fused=True: per block one sr_attention and one depthwise_conv2d, one spatial_reduction per block
-    that reduces (all of them in linear mode, none in the last, sr_ratio 1, stage otherwise);
-    fused=False: none of the three."""
+    """fused=True: per block one sr_attention and one conv_bias_act (the MLP's depthwise conv + GELU), one
+    spatial_reduction per block that reduces (all of them in linear mode, none in the last, sr_ratio 1, stage
+    otherwise); fused=False: none of them."""
     calls = {n: count_calls(monkeypatch, pvt_mod, n) for n in OPS}
     theirs = _timm(name, **SMALL)
     x = torch.randn(1, 3, 96, 64)
@@ -134,7 +134,8 @@ def test_fused_calls_ops_plain_never(monkeypatch, name):
         assert rel_err(_ours_from(theirs, name, **SMALL)(x), ref) <= TOL
     linear = name.endswith("_li")
     assert {n: len(c) for n, c in calls.items()} == \
-           {"spatial_reduction": 4 if linear else 3, "sr_attention": 4, "depthwise_conv2d": 4}
+           {"spatial_reduction": 4 if linear else 3, "sr_attention": 4, "conv_bias_act": 4,
+            "depthwise_conv2d": 0}
 
     for n in OPS:
         forbid_calls(monkeypatch, pvt_mod, n)

@@ -225,30 +225,40 @@ def test_block_float32_train_matches_timm():
         assert err <= 1e-4, f"grad {k}: rel err {err:.2e}"
 
 
-def test_mlp_depthwise_reads_tokens_in_place(monkeypatch):
-    """The fused MLP hands fastops.depthwise_conv2d a channels_last view of fc1's output (same storage, no
-    copy), and fc2 gets contiguous (B, N, C) tokens back (a view of the conv's channels_last output)."""
+@pytest.mark.parametrize("act_layer, op", [(nn.GELU, "conv_bias_act"), (nn.Tanh, "depthwise_conv2d")],
+                         ids=["gelu-in-epilogue", "tanh-after"])
+def test_mlp_depthwise_reads_tokens_in_place(monkeypatch, act_layer, op):
+    """The fused MLP hands its conv (fastops.conv_bias_act with the activation in the epilogue when the act has
+    a fused form, else fastops.depthwise_conv2d) a channels_last view of fc1's output (same storage, no copy),
+    and fc2 gets contiguous (B, N, C) tokens back (a view of the conv's channels_last output)."""
     seen = {}
-    real = pvt_mod.depthwise_conv2d
+    real = getattr(pvt_mod, op)
 
     def spy(x, *args, **kwargs):
         out = real(x, *args, **kwargs)
-        seen.update(x=x, out=out)
+        seen.update(x=x, out=out, args=args)
         return out
 
-    monkeypatch.setattr(pvt_mod, "depthwise_conv2d", spy)
-    mlp = MlpWithDepthwiseConv(16, 24).eval()
+    monkeypatch.setattr(pvt_mod, op, spy)
+    mlp = MlpWithDepthwiseConv(16, 24, act_layer=act_layer).eval()
     fc1_out, fc2_in = [], []
     mlp.fc1.register_forward_hook(lambda m, i, o: fc1_out.append(o))
     mlp.fc2.register_forward_pre_hook(lambda m, i: fc2_in.append(i[0]))
+    x_in = torch.randn(2, 9 * 7, 16)
     with torch.no_grad():
-        mlp(torch.randn(2, 9 * 7, 16), (9, 7))
+        y = mlp(x_in, (9, 7))
     x, out = seen["x"], seen["out"]
     assert x.shape == (2, 24, 9, 7) and x.is_contiguous(memory_format=torch.channels_last)
     assert x.data_ptr() == fc1_out[0].data_ptr()
     assert out.is_contiguous(memory_format=torch.channels_last)
-    # GELU keeps the strides, so fc2's input is contiguous tokens in the conv output's storage order
+    if op == "conv_bias_act":
+        assert seen["args"][-1] == "gelu"
+    # the activation keeps the strides, so fc2's input is contiguous tokens in the conv output's storage order
     assert fc2_in[0].shape == (2, 63, 24) and fc2_in[0].is_contiguous()
+    plain = MlpWithDepthwiseConv(16, 24, act_layer=act_layer, fused=False).eval()
+    plain.load_state_dict(mlp.state_dict())
+    with torch.no_grad():
+        assert rel_err(y, plain(x_in, (9, 7))) <= F32_TOL
 
 
 # fused flag, from_timm, is_convertible, state_dict --------------------------------------------------------
@@ -257,10 +267,11 @@ def test_mlp_depthwise_reads_tokens_in_place(monkeypatch):
                                          (dict(sr_ratio=1), False)], ids=["sr4", "linear", "sr1"])
 def test_fused_flag_selects_ops(monkeypatch, kw, reduces):
     """fused=True calls fastops.spatial_reduction (when the module reduces), fastops.sr_attention and
-    fastops.depthwise_conv2d once each; fused=False calls none of them (same results)."""
+    fastops.conv_bias_act (the MLP's depthwise conv + GELU) once each; fused=False calls none of them (same
+    results)."""
     _skip_unless_runs(None, torch.float32, 32, 2)
     calls = {n: count_calls(monkeypatch, pvt_mod, n) for n in ("spatial_reduction", "sr_attention",
-                                                                "depthwise_conv2d")}
+                                                                "conv_bias_act")}
     t_attn = _randomize_(tp.Attention(32, 2, **kw)).eval()
     t_mlp = _randomize_(tp.MlpWithDepthwiseConv(32, 64, extra_relu=kw.get("linear_attn", False))).eval()
     x = torch.randn(2, 16 * 12, 32)
@@ -271,9 +282,9 @@ def test_fused_flag_selects_ops(monkeypatch, kw, reduces):
         assert rel_err(attn(x, (16, 12)), ref_a) <= F32_TOL
         assert rel_err(mlp(x, (16, 12)), ref_m) <= F32_TOL
     assert {n: len(c) for n, c in calls.items()} == \
-           {"spatial_reduction": int(reduces), "sr_attention": 1, "depthwise_conv2d": 1}
+           {"spatial_reduction": int(reduces), "sr_attention": 1, "conv_bias_act": 1}
 
-    for n in calls:
+    for n in tuple(calls) + ("depthwise_conv2d",):
         forbid_calls(monkeypatch, pvt_mod, n)
     with torch.no_grad():
         attn, mlp = SRAttention.from_timm(t_attn, fused=False), MlpWithDepthwiseConv.from_timm(t_mlp, fused=False)

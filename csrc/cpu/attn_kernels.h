@@ -171,49 +171,8 @@ void gemm_packed(int64_t M, int64_t nc, int64_t kd, const T* A, int64_t lda, con
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// exp on a whole vector. fp32: Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial
-// (about 1 ulp), 2^n built in the exponent bits; inputs below the smallest normal's log give exactly 0 (the
-// -inf of masked key columns must become 0, never NaN). fp64 runs lane by lane through std::exp: it is
-// the accuracy path, not the fast one.
-template <typename T>
-struct VExp {
-  using V = typename simd::Vec<T>::V;
-  static inline V run(V x) {
-    V y;
-    for (int i = 0; i < simd::Vec<T>::N; ++i) y[i] = std::exp(x[i]);
-    return y;
-  }
-};
-
-template <>
-struct VExp<float> {
-  using S = simd::Vec<float>;
-  using V = S::V;
-  typedef int32_t VI __attribute__((vector_size(S::kBytes)));
-  static inline V run(V x) {
-    const V hi = S::splat(88.0f), lo = S::splat(-87.33654475f);
-    const VI under = x < lo;
-    x = x > hi ? hi : x;
-    x = x < lo ? lo : x;
-    // Adding 1.5 * 2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
-    const V magic = S::splat(12582912.0f);
-    const V t = x * S::splat(1.44269504088896341f) + magic;
-    const V fx = t - magic;
-    const VI n = __builtin_bit_cast(VI, t) - 0x4B400000;
-    V r = x - fx * S::splat(0.693359375f);
-    r = r - fx * S::splat(-2.12194440e-4f);
-    V p = S::splat(1.9875691500e-4f);
-    p = p * r + S::splat(1.3981999507e-3f);
-    p = p * r + S::splat(8.3334519073e-3f);
-    p = p * r + S::splat(4.1665795894e-2f);
-    p = p * r + S::splat(1.6666665459e-1f);
-    p = p * r + S::splat(5.0000001201e-1f);
-    p = p * (r * r) + r + S::splat(1.0f);
-    const VI e = (n + 127) << 23;
-    const V y = p * __builtin_bit_cast(V, e);
-    return under ? S::splat(0.0f) : y;
-  }
-};
+// exp on a whole vector: simd::VExp (simd.h).
+using simd::VExp;
 
 // Horizontal max / sum in log2(N) shuffle steps (simd::Vec::sum adds lane by lane: a serial chain of N adds
 // that softmax rows would wait on).

@@ -1,13 +1,16 @@
 // Portable fixed-width SIMD for the CPU kernels, on GCC/Clang vector extensions: the compiler emits
 // AVX2/AVX-512/SSE/NEON for whatever -march the build targets. Kernels use it for their hot loops so
 // that the vectorised dimension is the one we chose (the auto-vectoriser sometimes vectorises an outer
-// loop with gathers instead, which is many times slower).
+// loop with gathers instead, which is many times slower). Also the vectorised exp and exact GELU the kernels'
+// softmax and activation epilogues share.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace fastops {
 namespace simd {
@@ -45,6 +48,87 @@ struct Vec {
     } else {
       for (int i = 0; i < N; ++i) p[i] = static_cast<S>(v[i]);
     }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// exp on a whole vector. fp32: Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial
+// (about 1 ulp), 2^n built in the exponent bits; inputs below the smallest normal's log give exactly 0 (the
+// -inf of masked key columns must become 0, never NaN). fp64 runs lane by lane through std::exp: it is
+// the accuracy path, not the fast one.
+template <typename T>
+struct VExp {
+  using V = typename simd::Vec<T>::V;
+  static inline V run(V x) {
+    V y;
+    for (int i = 0; i < simd::Vec<T>::N; ++i) y[i] = std::exp(x[i]);
+    return y;
+  }
+};
+
+template <>
+struct VExp<float> {
+  using S = simd::Vec<float>;
+  using V = S::V;
+  typedef int32_t VI __attribute__((vector_size(S::kBytes)));
+  static inline V run(V x) {
+    const V hi = S::splat(88.0f), lo = S::splat(-87.33654475f);
+    const VI under = x < lo;
+    x = x > hi ? hi : x;
+    x = x < lo ? lo : x;
+    // Adding 1.5 * 2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
+    const V magic = S::splat(12582912.0f);
+    const V t = x * S::splat(1.44269504088896341f) + magic;
+    const V fx = t - magic;
+    const VI n = __builtin_bit_cast(VI, t) - 0x4B400000;
+    V r = x - fx * S::splat(0.693359375f);
+    r = r - fx * S::splat(-2.12194440e-4f);
+    V p = S::splat(1.9875691500e-4f);
+    p = p * r + S::splat(1.3981999507e-3f);
+    p = p * r + S::splat(8.3334519073e-3f);
+    p = p * r + S::splat(4.1665795894e-2f);
+    p = p * r + S::splat(1.6666665459e-1f);
+    p = p * r + S::splat(5.0000001201e-1f);
+    p = p * (r * r) + r + S::splat(1.0f);
+    const VI e = (n + 127) << 23;
+    const V y = p * __builtin_bit_cast(V, e);
+    return under ? S::splat(0.0f) : y;
+  }
+};
+
+// Exact GELU, z * Phi(z), with Phi from erfc so that the negative tail keeps its relative accuracy. fp32:
+// the Chebyshev-fitted erfc(u) = t exp(-u^2 + P(t)), t = 1 / (1 + u / 2) (fractional error < 1.2e-7 for all
+// u >= 0), on whole vectors with the shared vectorised exp; fp64: the C library, lane by lane.
+template <typename T>
+struct VGelu {
+  using V = typename simd::Vec<T>::V;
+  static inline V run(V z) {
+    V y;
+    for (int i = 0; i < simd::Vec<T>::N; ++i) y[i] = T(0.5) * z[i] * std::erfc(-z[i] * T(M_SQRT1_2));
+    return y;
+  }
+};
+
+template <>
+struct VGelu<float> {
+  using S = simd::Vec<float>;
+  using V = S::V;
+  static inline V run(V z) {
+    const V u = (z < S::splat(0.f) ? -z : z) * S::splat(0.70710678118654752f);
+    const V t = S::splat(1.f) / (S::splat(1.f) + S::splat(0.5f) * u);
+    V p = S::splat(0.17087277f);
+    p = p * t + S::splat(-0.82215223f);
+    p = p * t + S::splat(1.48851587f);
+    p = p * t + S::splat(-1.13520398f);
+    p = p * t + S::splat(0.27886807f);
+    p = p * t + S::splat(-0.18628806f);
+    p = p * t + S::splat(0.09678418f);
+    p = p * t + S::splat(0.37409196f);
+    p = p * t + S::splat(1.00002368f);
+    p = p * t + S::splat(-1.26551223f);
+    const V half_erfc = S::splat(0.5f) * t * VExp<float>::run(p - u * u);  // Phi(-|z|)
+    const V phi = z < S::splat(0.f) ? half_erfc : S::splat(1.f) - half_erfc;
+    return z * phi;
   }
 };
 

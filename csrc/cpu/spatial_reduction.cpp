@@ -27,6 +27,7 @@ namespace fastops {
 namespace {
 
 using attn::load_row;
+using simd::VGelu;
 using attn::round_up;
 using attn::store_row;
 
@@ -187,42 +188,6 @@ void gemm_rows(int64_t nrows, const T* const* rows, int64_t ky_stride, int64_t n
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Exact GELU, z * Phi(z), with Phi from erfc so that the negative tail keeps its relative accuracy. fp32:
-// the Chebyshev-fitted erfc(u) = t exp(-u^2 + P(t)), t = 1 / (1 + u / 2) (fractional error < 1.2e-7 for all
-// u >= 0), on whole vectors with the shared vectorised exp; fp64: the C library, lane by lane.
-template <typename T>
-struct VGelu {
-  using V = typename simd::Vec<T>::V;
-  static inline V run(V z) {
-    V y;
-    for (int i = 0; i < simd::Vec<T>::N; ++i) y[i] = T(0.5) * z[i] * std::erfc(-z[i] * T(M_SQRT1_2));
-    return y;
-  }
-};
-
-template <>
-struct VGelu<float> {
-  using S = simd::Vec<float>;
-  using V = S::V;
-  static inline V run(V z) {
-    const V u = (z < S::splat(0.f) ? -z : z) * S::splat(0.70710678118654752f);
-    const V t = S::splat(1.f) / (S::splat(1.f) + S::splat(0.5f) * u);
-    V p = S::splat(0.17087277f);
-    p = p * t + S::splat(-0.82215223f);
-    p = p * t + S::splat(1.48851587f);
-    p = p * t + S::splat(-1.13520398f);
-    p = p * t + S::splat(0.27886807f);
-    p = p * t + S::splat(-0.18628806f);
-    p = p * t + S::splat(0.09678418f);
-    p = p * t + S::splat(0.37409196f);
-    p = p * t + S::splat(1.00002368f);
-    p = p * t + S::splat(-1.26551223f);
-    const V half_erfc = S::splat(0.5f) * t * attn::VExp<float>::run(p - u * u);  // Phi(-|z|)
-    const V phi = z < S::splat(0.f) ? half_erfc : S::splat(1.f) - half_erfc;
-    return z * phi;
-  }
-};
-
 // The epilogue of one output row: y = acc + bias (kept, fp32), LayerNorm statistics over the C channels,
 // out = LN(y) (then GELU in linear mode). p* are fp32 / fp64 parameter copies padded to Cp with zeros.
 template <typename T, typename scalar_t>

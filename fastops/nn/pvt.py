@@ -13,10 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import reference as _ref
+from ..ops.conv_bn_act import conv_bias_act
 from ..ops.depthwise_conv2d import MAX_KERNEL, depthwise_conv2d
 from ..ops.spatial_reduction import spatial_reduction
 from ..ops.sr_attention import sr_attention
 from .attention import _timm_type
+from .conv_bn import act_name_of
 from .depthwise import DepthwiseConv2d
 
 __all__ = ["SRAttention", "MlpWithDepthwiseConv"]
@@ -194,13 +196,15 @@ class MlpWithDepthwiseConv(nn.Module):
     The depthwise conv runs on the fc1 output as it lies: ``x.transpose(1, 2).view(B, C, H, W)`` is a
     channels_last-strided view of the (B, N, C) tokens, :func:`fastops.depthwise_conv2d` reads it in place
     and returns channels_last, whose ``flatten(2).transpose(1, 2)`` is again contiguous (B, N, C) tokens:
-    no layout copy either way.
+    no layout copy either way. When ``act`` has a fused form (GELU exact, ReLU, ReLU6, SiLU, Hardswish) the
+    conv is :func:`fastops.conv_bias_act` with the activation in its epilogue (one pass over the hidden map
+    instead of two); other activations run after :func:`fastops.depthwise_conv2d`.
 
     Keys: ``fc1``, ``dwconv`` (C, 1, 3, 3) + bias, ``fc2``. ``extra_relu`` (timm's linear-mode blocks)
     applies ReLU after fc1.
 
     Args:
-        fused: :func:`fastops.depthwise_conv2d` (True) or ``F.conv2d`` as timm (False).
+        fused: the fastops conv (True) or ``F.conv2d`` + ``act`` as timm (False).
     """
 
     def __init__(self, in_features: int, hidden_features=None, out_features=None, act_layer=nn.GELU,
@@ -225,11 +229,15 @@ class MlpWithDepthwiseConv(nn.Module):
         B, N, C = x.shape
         m = x.transpose(1, 2).view(B, C, H, W)
         conv = self.dwconv
-        if self.fused:
-            m = depthwise_conv2d(m, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+        act = act_name_of(self.act) if self.fused else None
+        if act is not None:
+            # The activation is elementwise: in the conv's epilogue it equals timm's act on the tokens.
+            m = conv_bias_act(m, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, act)
+        elif self.fused:
+            m = self.act(depthwise_conv2d(m, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation))
         else:
-            m = F.conv2d(m, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        x = self.drop(self.act(m.flatten(2).transpose(1, 2)))
+            m = self.act(F.conv2d(m, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+        x = self.drop(m.flatten(2).transpose(1, 2))
         return self.drop(self.fc2(x))
 
     def extra_repr(self) -> str:
