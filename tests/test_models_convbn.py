@@ -92,6 +92,12 @@ def test_eval_matches_timm(name):
         plain = _ours_from(theirs, name, fused=False)
         err = rel_err(plain(x_ns), ref_ns)
         assert err <= TOL, f"64x96 fused=False: rel err {err:.2e}"
+        # The fused model runs in channels_last from the stem whatever the input's layout; the plain one keeps
+        # the input's layout, as timm does.
+        feats = ours.forward_features(x_ns)
+        assert feats.is_contiguous(memory_format=CL) and not feats.is_contiguous()
+        assert rel_err(feats, theirs.forward_features(x_ns)) <= TOL
+        assert plain.forward_features(x_ns).is_contiguous()
 
 
 def _train_step(model, x, y, seed=7):
