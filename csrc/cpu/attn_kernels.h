@@ -174,8 +174,6 @@ void gemm_packed(int64_t M, int64_t nc, int64_t kd, const T* A, int64_t lda, con
 // exp on a whole vector: simd::VExp (simd.h).
 using simd::VExp;
 
-// Horizontal max / sum in log2(N) shuffle steps (simd::Vec::sum adds lane by lane: a serial chain of N adds
-// that softmax rows would wait on).
 // 2^x on a whole vector, for softmax exponents already in base 2 (scale * log2(e) folded into the scores'
 // scale) and at most ~0 (the row max subtracted). fp32: x = n + r, |r| <= 1/2, 2^r by a degree-5 polynomial
 // fitted for relative error (< 2e-7), 2^n in the exponent bits; x < -126 (incl. the -inf of masked columns)
@@ -220,6 +218,8 @@ inline V rotate_lanes(V v, std::index_sequence<I...>) {
   return __builtin_shufflevector(v, v, ((I + kShift) % sizeof...(I))...);
 }
 
+// Horizontal max / sum in log2(N) shuffle steps (simd::Vec::sum adds lane by lane: a serial chain of N adds
+// that softmax rows would wait on).
 template <typename T, int kShift = simd::Vec<T>::N / 2>
 inline T hmax(typename simd::Vec<T>::V v) {
   if constexpr (kShift == 0) {

@@ -17,6 +17,7 @@
 
 #include "bn_act_common.h"
 #include "common.h"
+#include "conv_bn_checks.h"
 #include "cpu/depthwise_kernels.h"
 
 namespace fastops {
@@ -25,38 +26,9 @@ namespace {
 using bnact::Act;
 using chan::Geom;
 
-const at::Tensor* opt(const c10::optional<at::Tensor>& t) { return (t.has_value() && t->defined()) ? &*t : nullptr; }
-
-// The (C,) fp32 per-channel parameters: weight, bias, mean, var.
-void check_param(const at::Tensor* t, const char* name, int64_t C, const char* op) {
-  if (!t) return;
-  TORCH_CHECK(t->device().is_cpu(), "fastops.", op, " (cpu): ", name, " must be a CPU tensor");
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "fastops.", op, ": ", name, " must have shape (C,) with C = ", C,
-              ", got ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, "fastops.", op, ": ", name,
-              " must be float32 (float64 for float64 x), got ", t->scalar_type());
-}
-
-// x: 4-D, CPU, a supported dtype, NCHW- or channels_last-contiguous.
-void check_x(const at::Tensor& x, const char* name, const char* op) {
-  TORCH_CHECK(x.device().is_cpu(), "fastops.", op, " (cpu): ", name, " must be a CPU tensor");
-  TORCH_CHECK(x.dim() == 4, "fastops.", op, ": ", name, " must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "fastops.", op, ": ",
-              name, " must be float16, bfloat16, float32 or float64, got ", st);
-  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), "fastops.", op, ": ", name,
-              " must be NCHW-contiguous or channels_last-contiguous");
-}
-
-// A tensor that must match x's shape, dtype and layout (residual, grad_out).
-void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name, const char* op) {
-  TORCH_CHECK(t.device() == x.device(), "fastops.", op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK(t.sizes() == x.sizes(), "fastops.", op, ": ", name, " must have x's shape ", x.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastops.", op, ": ", name, " dtype ", t.scalar_type(),
-              " differs from x's ", x.scalar_type());
-}
+using convbn::check_like;
+using convbn::opt;
+constexpr convbn::Dev kDev = convbn::Dev::kCpu;
 
 // Per-channel parameter as a std::vector of acc_t (default `dflt` when absent).
 template <typename acc_t>
@@ -131,21 +103,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_cpu(const at::Tensor& x_in
                                                           c10::string_view act_name, bool training) {
   const char* op = "bn_act";
   const Act act = bnact::parse_act(std::string(act_name), op);
-  check_x(x_in, "x", op);
+  convbn::check_bn_x(op, "x", x_in, kDev);
   const int64_t C = x_in.size(1);
   const at::Tensor *w = opt(weight), *b = opt(bias), *m = opt(mean), *v = opt(var), *r = opt(residual);
-  check_param(w, "weight", C, op);
-  check_param(b, "bias", C, op);
+  convbn::check_channel_param(op, "weight", w, x_in, C, kDev);
+  convbn::check_channel_param(op, "bias", b, x_in, C, kDev);
   if (!training) TORCH_CHECK(m && v, "fastops.bn_act: mean and var are required when training=False");
-  check_param(m, "mean", C, op);
-  check_param(v, "var", C, op);
+  convbn::check_channel_param(op, "mean", m, x_in, C, kDev);
+  convbn::check_channel_param(op, "var", v, x_in, C, kDev);
   TORCH_CHECK(eps >= 0, "fastops.bn_act: eps must be >= 0, got ", eps);
   const bool cl = is_channels_last(x_in);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = x_in.contiguous(fmt);
   at::Tensor res;
   if (r) {
-    check_like_x(*r, x, "residual", op);
+    check_like(op, "residual", *r, x, x.sizes());
     res = r->contiguous(fmt);
   }
   const bool f64 = x.scalar_type() == at::kDouble;
@@ -360,22 +332,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
     const c10::optional<at::Tensor>& residual, double eps, c10::string_view act_name, bool training) {
   const char* op = "bn_act_backward";
   const Act act = bnact::parse_act(std::string(act_name), op);
-  check_x(x_in, "x", op);
+  convbn::check_bn_x(op, "x", x_in, kDev);
   const int64_t C = x_in.size(1);
   const at::Tensor *w = opt(weight), *b = opt(bias), *r = opt(residual);
-  check_param(w, "weight", C, op);
-  check_param(b, "bias", C, op);
-  check_param(&save_mean, "save_mean", C, op);
-  check_param(&save_var, "save_var", C, op);
+  convbn::check_channel_param(op, "weight", w, x_in, C, kDev);
+  convbn::check_channel_param(op, "bias", b, x_in, C, kDev);
+  convbn::check_channel_param(op, "save_mean", &save_mean, x_in, C, kDev);
+  convbn::check_channel_param(op, "save_var", &save_var, x_in, C, kDev);
   TORCH_CHECK(eps >= 0, "fastops.bn_act_backward: eps must be >= 0, got ", eps);
-  check_like_x(grad_out, x_in, "grad_out", op);
+  check_like(op, "grad_out", grad_out, x_in, x_in.sizes());
   const bool cl = is_channels_last(x_in);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor go = grad_out.contiguous(fmt);
   at::Tensor res;
   if (r) {
-    check_like_x(*r, x, "residual", op);
+    check_like(op, "residual", *r, x, x.sizes());
     res = r->contiguous(fmt);
   }
   const bool f64 = x.scalar_type() == at::kDouble;

@@ -20,6 +20,7 @@
 
 #include "bn_act_common.h"
 #include "common.h"
+#include "conv_bn_checks.h"
 #include "cpu/depthwise_kernels.h"
 
 namespace fastops {
@@ -27,62 +28,10 @@ namespace {
 
 using bnact::Act;
 
-const at::Tensor* opt(const c10::optional<at::Tensor>& t) { return (t.has_value() && t->defined()) ? &*t : nullptr; }
+using convbn::check_like_out;
+using convbn::ConvArgs;
+using convbn::opt;
 
-struct ConvArgs {
-  Conv2dGeom g;      // g.C is Cin
-  int64_t Cout;
-  bool cl, depthwise;
-  at::MemoryFormat fmt;
-};
-
-ConvArgs check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
-                    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.device().is_cpu(), "fastops.", op, " (cpu): x must be a CPU tensor");
-  TORCH_CHECK(x.dim() == 4, "fastops.", op, ": x must be 4-D (N, Cin, H, W), got ", x.dim(), "-D");
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "fastops.", op,
-              ": x must be float16, bfloat16, float32 or float64, got ", st);
-  TORCH_CHECK(weight.device() == x.device(), "fastops.", op, ": weight is on ", weight.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK(weight.scalar_type() == st, "fastops.", op, ": weight dtype ", weight.scalar_type(),
-              " differs from x's ", st);
-  TORCH_CHECK(groups >= 1, "fastops.", op, ": groups must be >= 1, got ", groups);
-  const int64_t Cin = x.size(1);
-  TORCH_CHECK(Cin % groups == 0, "fastops.", op, ": x's channels (", Cin, ") must be divisible by groups (", groups,
-              ")");
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == Cin / groups && weight.size(0) % groups == 0 &&
-                  weight.size(0) > 0,
-              "fastops.", op, ": weight must have shape (Cout, Cin/groups, kh, kw) with Cin/groups = ", Cin / groups,
-              " and Cout divisible by groups = ", groups, ", got ", weight.sizes());
-  ConvArgs a;
-  a.g = make_conv2d_geom(x, weight, stride, padding, dilation);
-  a.Cout = weight.size(0);
-  a.cl = is_channels_last(x);
-  a.fmt = a.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  a.depthwise = groups == Cin && a.Cout == Cin;
-  if (bias) {
-    TORCH_CHECK(bias->device() == x.device(), "fastops.", op, ": bias is on ", bias->device(), " but x is on ",
-                x.device());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == a.Cout, "fastops.", op, ": bias must have shape (Cout,) = (",
-                a.Cout, ",), got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kDouble, "fastops.", op,
-                ": bias must be float32, got ", bias->scalar_type());
-  }
-  return a;
-}
-
-// A tensor that must have the output's shape and x's dtype (residual, out, grad_out).
-void check_like_out(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, const ConvArgs& a) {
-  TORCH_CHECK(t.device() == x.device(), "fastops.", op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == a.g.N && t.size(1) == a.Cout && t.size(2) == a.g.OH &&
-                  t.size(3) == a.g.OW,
-              "fastops.", op, ": ", name, " must have the output's shape (", a.g.N, ", ", a.Cout, ", ", a.g.OH, ", ",
-              a.g.OW, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastops.", op, ": ", name, " dtype ", t.scalar_type(),
-              " differs from x's ", x.scalar_type());
-}
 
 template <typename acc_t>
 std::vector<acc_t> bias_vec(const at::Tensor* bias, int64_t C) {
@@ -218,7 +167,7 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight, c
   const char* op = "conv_bias_act";
   const Act act = bnact::parse_act(std::string(act_name), op);
   const at::Tensor *bias = opt(bias_opt), *r = opt(residual);
-  const ConvArgs a = check_conv(op, x_in, weight, bias, stride, padding, dilation, groups);
+  const ConvArgs a = convbn::check_conv(op, x_in, weight, bias, stride, padding, dilation, groups, convbn::Dev::kCpu);
   const at::Tensor x = x_in.contiguous(a.fmt);
   at::Tensor res;
   if (r) {
@@ -313,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backwar
   const char* op = "conv_bias_act_backward";
   const Act act = bnact::parse_act(std::string(act_name), op);
   const at::Tensor *bias = opt(bias_opt), *r = opt(residual);
-  const ConvArgs a = check_conv(op, x_in, weight, bias, stride, padding, dilation, groups);
+  const ConvArgs a = convbn::check_conv(op, x_in, weight, bias, stride, padding, dilation, groups, convbn::Dev::kCpu);
   const at::Tensor x = x_in.contiguous(a.fmt);
   check_like_out(op, "grad_out", grad_out, x, a);
   const at::Tensor go = grad_out.contiguous(a.fmt);

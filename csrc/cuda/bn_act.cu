@@ -29,6 +29,7 @@
 
 #include "bn_act_common.h"
 #include "common.h"
+#include "conv_bn_checks.h"
 #include "cuda/channel_pass.cuh"
 
 namespace fastops {
@@ -223,39 +224,9 @@ struct BnBackward {
 // ---------------------------------------------------------------------------------------------------
 // Host side: argument checks (the Python front checks first; these guard direct torch.ops calls).
 
-const at::Tensor* opt(const c10::optional<at::Tensor>& t) { return (t.has_value() && t->defined()) ? &*t : nullptr; }
-
-void check_x(const at::Tensor& x, const char* name, const char* op) {
-  TORCH_CHECK(x.is_cuda(), "fastops.", op, " (cuda): ", name, " must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, "fastops.", op, ": ", name, " must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "fastops.", op, " (cuda): ", name,
-              " must be float16, bfloat16 or float32, got ", st);
-  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), "fastops.", op, ": ", name,
-              " must be NCHW-contiguous or channels_last-contiguous");
-}
-
-// weight / bias / mean / var / save_mean / save_var: fp32 (C,) on x's device.
-void check_param(const at::Tensor* t, const at::Tensor& x, const char* name, const char* op) {
-  if (!t) return;
-  const int64_t C = x.size(1);
-  TORCH_CHECK(t->device() == x.device(), "fastops.", op, ": ", name, " is on ", t->device(), " but x is on ",
-              x.device());
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "fastops.", op, ": ", name, " must have shape (C,) with C = ", C,
-              ", got ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == at::kFloat, "fastops.", op, " (cuda): ", name, " must be float32, got ",
-              t->scalar_type());
-}
-
-// residual / grad_out: x's shape, dtype and device.
-void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name, const char* op) {
-  TORCH_CHECK(t.device() == x.device(), "fastops.", op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK(t.sizes() == x.sizes(), "fastops.", op, ": ", name, " must have x's shape ", x.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastops.", op, ": ", name, " dtype ", t.scalar_type(),
-              " differs from x's ", x.scalar_type());
-}
+using convbn::check_like;
+using convbn::opt;
+constexpr convbn::Dev kDev = convbn::Dev::kCuda;
 
 at::Tensor contig_f32(const at::Tensor* t) { return t ? t->contiguous() : at::Tensor(); }
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
@@ -271,17 +242,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_cuda(const at::Tensor& x_i
                                                            c10::string_view act_name, bool training) {
   const char* op = "bn_act";
   const Act act = bnact::parse_act(std::string(act_name), op);
-  check_x(x_in, "x", op);
+  convbn::check_bn_x(op, "x", x_in, kDev);
   const at::Tensor *w = opt(weight), *b = opt(bias), *m = opt(mean), *v = opt(var), *r = opt(residual);
-  check_param(w, x_in, "weight", op);
-  check_param(b, x_in, "bias", op);
+  convbn::check_channel_param(op, "weight", w, x_in, x_in.size(1), kDev);
+  convbn::check_channel_param(op, "bias", b, x_in, x_in.size(1), kDev);
   if (!training) {  // in training mean / var are not read, so they are not checked either
     TORCH_CHECK(m && v, "fastops.bn_act: mean and var are required when training=False");
-    check_param(m, x_in, "mean", op);
-    check_param(v, x_in, "var", op);
+    convbn::check_channel_param(op, "mean", m, x_in, x_in.size(1), kDev);
+    convbn::check_channel_param(op, "var", v, x_in, x_in.size(1), kDev);
   }
   TORCH_CHECK(eps >= 0, "fastops.bn_act: eps must be >= 0, got ", eps);
-  if (r) check_like_x(*r, x_in, "residual", op);
+  if (r) check_like(op, "residual", *r, x_in, x_in.sizes());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool cl = is_channels_last(x_in);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -327,17 +298,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
     const c10::optional<at::Tensor>& residual, double eps, c10::string_view act_name, bool training) {
   const char* op = "bn_act_backward";
   const Act act = bnact::parse_act(std::string(act_name), op);
-  check_x(x_in, "x", op);
+  convbn::check_bn_x(op, "x", x_in, kDev);
   const at::Tensor *w = opt(weight), *b = opt(bias), *r = opt(residual);
-  check_param(w, x_in, "weight", op);
-  check_param(b, x_in, "bias", op);
+  convbn::check_channel_param(op, "weight", w, x_in, x_in.size(1), kDev);
+  convbn::check_channel_param(op, "bias", b, x_in, x_in.size(1), kDev);
   TORCH_CHECK(save_mean_in.defined() && save_var_in.defined(),
               "fastops.bn_act_backward: save_mean and save_var are required");
-  check_param(&save_mean_in, x_in, "save_mean", op);
-  check_param(&save_var_in, x_in, "save_var", op);
+  convbn::check_channel_param(op, "save_mean", &save_mean_in, x_in, x_in.size(1), kDev);
+  convbn::check_channel_param(op, "save_var", &save_var_in, x_in, x_in.size(1), kDev);
   TORCH_CHECK(eps >= 0, "fastops.bn_act_backward: eps must be >= 0, got ", eps);
-  check_like_x(grad_out, x_in, "grad_out", op);
-  if (r) check_like_x(*r, x_in, "residual", op);
+  check_like(op, "grad_out", grad_out, x_in, x_in.sizes());
+  if (r) check_like(op, "residual", *r, x_in, x_in.sizes());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool cl = is_channels_last(x_in);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;

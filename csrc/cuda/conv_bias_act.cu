@@ -33,6 +33,7 @@
 
 #include "bn_act_common.h"
 #include "common.h"
+#include "conv_bn_checks.h"
 #include "cuda/channel_pass.cuh"
 #include "cuda/depthwise_kernels.cuh"
 
@@ -158,63 +159,10 @@ struct DzReduceOp {
 // ---------------------------------------------------------------------------------------------------
 // Host side.
 
-const at::Tensor* opt(const c10::optional<at::Tensor>& t) { return (t.has_value() && t->defined()) ? &*t : nullptr; }
+using convbn::check_like_out;
+using convbn::ConvArgs;
+using convbn::opt;
 
-struct ConvArgs {
-  Conv2dGeom g;  // g.C = Cin
-  int64_t Cout;
-  bool depthwise;
-  bool cl;
-  at::MemoryFormat fmt;
-};
-
-// Checks everything a direct torch.ops call could get wrong; returns the geometry.
-ConvArgs check_conv_args(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
-                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.is_cuda(), "fastops.", op, " (cuda): x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, "fastops.", op, ": x must be 4-D (N, Cin, H, W), got ", x.dim(), "-D");
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "fastops.", op,
-              " (cuda): x must be float16, bfloat16 or float32, got ", st);
-  TORCH_CHECK(groups >= 1, "fastops.", op, ": groups must be >= 1, got ", groups);
-  const int64_t Cin = x.size(1);
-  TORCH_CHECK(Cin % groups == 0, "fastops.", op, ": Cin = ", Cin, " is not divisible by groups = ", groups);
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) * groups == Cin && weight.size(0) % groups == 0 &&
-                  weight.size(0) >= 1,
-              "fastops.", op, ": weight must have shape (Cout, Cin / groups, kh, kw) with Cin / groups = ",
-              Cin / groups, " and Cout a positive multiple of groups = ", groups, ", got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == st, "fastops.", op, ": weight dtype ", weight.scalar_type(),
-              " differs from x's ", st);
-  TORCH_CHECK(weight.device() == x.device(), "fastops.", op, ": weight is on ", weight.device(), " but x is on ",
-              x.device());
-  ConvArgs a;
-  a.Cout = weight.size(0);
-  if (bias) {
-    TORCH_CHECK(bias->device() == x.device(), "fastops.", op, ": bias is on ", bias->device(), " but x is on ",
-                x.device());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == a.Cout, "fastops.", op, ": bias must have shape (Cout,) with Cout = ",
-                a.Cout, ", got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == at::kFloat, "fastops.", op, ": bias must be float32, got ",
-                bias->scalar_type());
-  }
-  a.g = make_conv2d_geom(x, weight, stride, padding, dilation);
-  a.depthwise = groups == Cin && a.Cout == Cin && weight.size(1) == 1;
-  a.cl = is_channels_last(x);
-  a.fmt = a.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  return a;
-}
-
-// A tensor of the output's shape (N, Cout, OH, OW) and x's dtype / device (residual, grad_out, out).
-void check_like_out(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, const ConvArgs& a) {
-  TORCH_CHECK(t.device() == x.device(), "fastops.", op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == a.g.N && t.size(1) == a.Cout && t.size(2) == a.g.OH &&
-                  t.size(3) == a.g.OW,
-              "fastops.", op, ": ", name, " must have the output's shape (", a.g.N, ", ", a.Cout, ", ", a.g.OH, ", ",
-              a.g.OW, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastops.", op, ": ", name, " dtype ", t.scalar_type(),
-              " differs from x's ", x.scalar_type());
-}
 
 chpass::Layout out_layout(const ConvArgs& a) { return chpass::Layout{a.g.N, a.Cout, a.g.OH * a.g.OW, a.cl}; }
 
@@ -245,7 +193,7 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x_in, const at::Tensor& weight, 
   const char* op = "conv_bias_act";
   const Act act = bnact::parse_act(std::string(act_name), op);
   const at::Tensor *b = opt(bias), *r = opt(residual);
-  const ConvArgs a = check_conv_args(op, x_in, weight, b, stride, padding, dilation, groups);
+  const ConvArgs a = convbn::check_conv(op, x_in, weight, b, stride, padding, dilation, groups, convbn::Dev::kCuda);
   if (r) check_like_out(op, "residual", *r, x_in, a);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(a.fmt);
@@ -287,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backwar
   const char* op = "conv_bias_act_backward";
   const Act act = bnact::parse_act(std::string(act_name), op);
   const at::Tensor *b = opt(bias), *r = opt(residual);
-  const ConvArgs a = check_conv_args(op, x_in, weight, b, stride, padding, dilation, groups);
+  const ConvArgs a = convbn::check_conv(op, x_in, weight, b, stride, padding, dilation, groups, convbn::Dev::kCuda);
   check_like_out(op, "grad_out", grad_out, x_in, a);
   const bool from_output = bnact::grad_from_output(act);
   if (from_output) check_like_out(op, "out", out_in, x_in, a);
