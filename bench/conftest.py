@@ -79,7 +79,15 @@ def time_case(benchmark, roofline_session, request):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_fastops_roofline", None)
-    if session is None or not session.results:
+    if session is None:
+        return
+    if not session.results:
+        # Only measurements outside the table ran (e.g. an interleaved model ratio): their summary lines.
+        lines = [line for fn in roofline.summaries() for line in (fn([], session.machine) or [])]
+        if lines:
+            terminalreporter.section("fastops roofline")
+            for line in session.header() + [""] + lines:
+                terminalreporter.write_line(line)
         return
     session.busy_after = roofline.cpu_busy()
     session.finalize()
