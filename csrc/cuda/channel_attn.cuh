@@ -12,6 +12,8 @@
 #include <initializer_list>
 #include <string_view>
 
+#include "cuda/launch_common.cuh"
+
 namespace fastops {
 namespace attn_cuda {
 
@@ -76,45 +78,7 @@ inline void check_mlp_args(const char* op, const at::Tensor& x, const at::Tensor
 
 // Launch geometry and vector access shared by the kernels of both ops. ---------------------------------
 
-constexpr int kThreads = 256;                     // threads per block for every kernel
-constexpr int64_t kMaxBlocks = int64_t(1) << 30;  // grid-stride loops cover the rest
-constexpr int64_t kMaxSplits = 1024;
-
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int64_t next_pow2(int64_t v) {
-  int64_t p = 1;
-  while (p < v) p <<= 1;
-  return p;
-}
-
-inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-inline unsigned int blocks_for(int64_t items, int64_t per_block, int64_t cap = kMaxBlocks) {
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(ceil_div(items, per_block), cap)));
-}
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
-
-template <int V, typename T>
-__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, V>*>(p);
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
-  *reinterpret_cast<Vec<T, V>*>(p) = v;
-}
-
-template <typename T>
-constexpr int kMaxVec = 16 / static_cast<int>(sizeof(T));
-
-inline bool aligned_to(const void* p, int64_t bytes) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
-}
+using namespace launch;  // kThreads, ceil_div, blocks_for, Vec / load_vec / store_vec, ...
 
 // Widest V (<= 16 bytes of T) with inner % V == 0, every T pointer aligned for V-wide accesses and every
 // float pointer (fp32 maps read V at a time) aligned for V floats.

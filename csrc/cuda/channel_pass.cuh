@@ -20,43 +20,12 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "cuda/launch_common.cuh"
+
 namespace fastops {
 namespace chpass {
 
-constexpr int kThreads = 256;  // threads per block for every kernel here
-constexpr int64_t kMaxSplits = 1024;
-
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-inline unsigned int blocks_for(int64_t items, int64_t per_block, int64_t cap) {
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(ceil_div(items, per_block), cap)));
-}
-
-inline int64_t next_pow2(int64_t v) {
-  int64_t p = 1;
-  while (p < v) p <<= 1;
-  return p;
-}
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
-
-template <int V, typename T>
-__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, V>*>(p);
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
-  *reinterpret_cast<Vec<T, V>*>(p) = v;
-}
-
-template <typename T>
-constexpr int kMaxVec = 16 / static_cast<int>(sizeof(T));
+using namespace launch;  // kThreads, ceil_div, blocks_for, Vec / load_vec / store_vec, ...
 
 // (N, C, HW) and whether the memory order is (N, HW, C).
 struct Layout {
