@@ -34,44 +34,19 @@
 #include <cstdint>
 #include <tuple>
 #include "common.h"
+#include "cuda/launch_common.cuh"
 
 namespace fastops {
 namespace dw_cuda {
 
-constexpr int kThreads = 256;                       // threads per block for every kernel
-constexpr int64_t kMaxBlocks = int64_t(1) << 30;    // grid-stride loops cover the rest (gridDim.x < 2^31)
+using namespace launch;  // kThreads, kMaxBlocks, kMaxSplits, ceil_div, next_pow2, Vec / load_vec / store_vec
+
 constexpr int64_t kSmemBudget = 48 * 1024;          // the default dynamic shared-memory limit (no opt-in)
 constexpr int kWgChannels = 32;                     // channels_last weight grad: channels per block (a warp)
 constexpr int kWgRows = kThreads / kWgChannels;     // ... and output positions summed side by side
-constexpr int64_t kMaxSplits = 1024;
-
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int64_t next_pow2(int64_t v) {
-  int64_t p = 1;
-  while (p < v) p <<= 1;
-  return p;
-}
 
 inline unsigned int grid_for(int64_t work_items, int64_t per_block) {
   return static_cast<unsigned int>(std::min(ceil_div(work_items, per_block), kMaxBlocks));
-}
-
-// V elements moved as one aligned load / store (V * sizeof(T) <= 16 bytes for the scalar types; for the
-// fp32 weights of a half kernel it can be 32 bytes, which the compiler splits into two 16-byte accesses).
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
-
-template <int V, typename T>
-__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, V>*>(p);
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
-  *reinterpret_cast<Vec<T, V>*>(p) = v;
 }
 
 // acc[0:V] += w * x, with x converted to the accumulation type.

@@ -1,6 +1,6 @@
 // Launch geometry and vector access shared by the CUDA per-channel passes (channel_pass.cuh: bn_act,
-// conv_bias_act) and the channel-attention kernels (channel_attn.cuh: squeeze_excite, cbam and the attention
-// ops that use its helpers).
+// conv_bias_act), the channel-attention kernels (channel_attn.cuh: squeeze_excite, cbam and the attention ops
+// that use its helpers) and the depthwise kernels (depthwise_kernels.cuh).
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -30,6 +30,8 @@ inline int64_t next_pow2(int64_t v) {
   return p;
 }
 
+// V elements moved as one aligned load / store (V * sizeof(T) <= 16 bytes for the scalar types; for the
+// fp32 weights of a half kernel it can be 32 bytes, which the compiler splits into two 16-byte accesses).
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Vec {
   T v[V];
