@@ -117,6 +117,19 @@ def test_cpu_random_shapes(n, c, h, w, r, cfg, cl):
     _check_all("cpu", (n, c, h, w, r), torch.float32, "channels_last" if cl else "contiguous", cfg, "cpu")
 
 
+@pytest.mark.parametrize("share", ["0", str(1 << 40)], ids=["streamed", "cached"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_streamed_output(monkeypatch, share, layout, dtype):
+    """The CPU scale pass writes its output around the cache when the output is at least the cache share
+    FASTOPS_LLC_SHARE_BYTES (0: always, 2^40: never); both equal the reference, also for rows that do not
+    start at a vector-aligned address (H*W = 7*7, C = 37)."""
+    monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", share)
+    for shape in [(3, 37, 7, 7, 5), (2, 64, 12, 12, 8), (1, 40, 9, 5, 4)]:
+        for cfg in CONFIGS[:2]:
+            _check_all("cpu", shape, dtype, layout, cfg, "cpu")
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_cpu_thread_counts(threads):
     """Whole-sample and split-sample scheduling give the same result for any thread count."""

@@ -4,12 +4,14 @@
 //
 // Each sample is pooled (one read of its slice of x), its MLP evaluated, then scaled (second read, while the
 // slice is still in cache: with at least as many samples as threads each thread owns whole samples). The
-// residual add and the final activation happen in the scale pass. Accumulation in at::opmath_type<T>.
+// residual add and the final activation happen in the scale pass, whose output goes around the cache when
+// it is too large to stay there (stream_store.h). Accumulation in at::opmath_type<T>.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include "cpu/channel_attn.h"
+#include "cpu/stream_store.h"
 
 namespace fastops {
 namespace {
@@ -47,35 +49,46 @@ void pool_sum(const SeGeom& g, const scalar_t* xs, int64_t c0, int64_t c1, attn:
   }
 }
 
-// out = oact(x * gate[c] + r) over channels [c0, c1) of one sample; r may be null.
-template <typename scalar_t, typename acc_t, bool kRelu>
-void scale(const SeGeom& g, const scalar_t* xs, const scalar_t* rs, const acc_t* gate, int64_t c0, int64_t c1,
+// out = oact(x * gate[c] + r) over [b, e) of one sample: channels (NCHW) or pixels (channels_last), so
+// that every written run is a whole plane or a whole pixel; r may be null. kStream: the output bypasses
+// the cache (see stream_store.h).
+template <bool kStream, bool kRelu, typename scalar_t, typename acc_t>
+void scale(const SeGeom& g, const scalar_t* xs, const scalar_t* rs, const acc_t* gate, int64_t b, int64_t e,
            scalar_t* ys) {
-  auto f = [](acc_t x, acc_t gc, acc_t r) {
-    acc_t y = x * gc + r;
-    return kRelu ? (y > 0 ? y : acc_t(0)) : y;
+  using Vec = simd::Vec<acc_t>;
+  using V = typename Vec::V;
+  auto out_act = [](auto y) {
+    if constexpr (kRelu) return decltype(y)(y > 0 ? y : decltype(y){});
+    else return y;
+  };
+  // One contiguous run of n values starting at offset o, each scaled by gate_at(i).
+  auto run = [&](int64_t o, int64_t n, auto gate_vec, auto gate_one) {
+    const scalar_t* x = xs + o;
+    const scalar_t* r = rs ? rs + o : nullptr;
+    simd::write_row<kStream, acc_t>(
+        ys + o, n,
+        [&](int64_t i) {
+          V y = Vec::load_from(x + i) * gate_vec(i);
+          if (r) y += Vec::load_from(r + i);
+          return out_act(y);
+        },
+        [&](int64_t i) {
+          acc_t y = static_cast<acc_t>(x[i]) * gate_one(i);
+          if (r) y += static_cast<acc_t>(r[i]);
+          return out_act(y);
+        });
   };
   if (!g.cl) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t o = c * g.HW;
+    for (int64_t c = b; c < e; ++c) {
       const acc_t gc = gate[c];
-      if (rs)
-        for (int64_t i = 0; i < g.HW; ++i)
-          ys[o + i] = static_cast<scalar_t>(f(static_cast<acc_t>(xs[o + i]), gc, static_cast<acc_t>(rs[o + i])));
-      else
-        for (int64_t i = 0; i < g.HW; ++i) ys[o + i] = static_cast<scalar_t>(f(static_cast<acc_t>(xs[o + i]), gc, 0));
+      const V gv = Vec::splat(gc);
+      run(c * g.HW, g.HW, [&](int64_t) { return gv; }, [&](int64_t) { return gc; });
     }
   } else {
-    for (int64_t q = 0; q < g.HW; ++q) {
-      const int64_t o = q * g.C;
-      if (rs)
-        for (int64_t c = c0; c < c1; ++c)
-          ys[o + c] = static_cast<scalar_t>(f(static_cast<acc_t>(xs[o + c]), gate[c], static_cast<acc_t>(rs[o + c])));
-      else
-        for (int64_t c = c0; c < c1; ++c)
-          ys[o + c] = static_cast<scalar_t>(f(static_cast<acc_t>(xs[o + c]), gate[c], 0));
-    }
+    for (int64_t q = b; q < e; ++q)
+      run(q * g.C, g.C, [&](int64_t i) { return Vec::load(gate + i); }, [&](int64_t i) { return gate[i]; });
   }
+  if (kStream) simd::stream_fence();
 }
 
 std::tuple<at::Tensor, at::Tensor> squeeze_excite_cpu(const at::Tensor& x_in, const at::Tensor& fc1_w,
@@ -109,26 +122,34 @@ std::tuple<at::Tensor, at::Tensor> squeeze_excite_cpu(const at::Tensor& x_in, co
     scalar_t* py = out.data_ptr<scalar_t>();
     acc_t* pp = pooled.data_ptr<acc_t>();
     std::vector<acc_t> z1(g.N * R), h(g.N * R), gt(g.N * C);
-    attn::per_sample(
-        g.N,
-        attn::range(C, attn::grain_for(g.HW),
-                    [&](int64_t n, int64_t c0, int64_t c1) {
-                      std::vector<attn::red_t> sums(c1 - c0);
-                      pool_sum(g, px + n * sz, c0, c1, sums.data());
-                      for (int64_t c = c0; c < c1; ++c) pp[n * C + c] = static_cast<acc_t>(sums[c - c0] / g.HW);
-                    }),
-        attn::serial([&](int64_t n) {
-          acc_t* gn = &gt[n * C];
-          mlp.forward(act, pp + n * C, &z1[n * R], &h[n * R], gn);
-          for (int64_t c = 0; c < C; ++c) gn[c] = attn::act_fwd(gate, gn[c]);
-        }),
-        attn::range(C, attn::grain_for(g.HW), [&](int64_t n, int64_t c0, int64_t c1) {
-          const scalar_t* rn = pr ? pr + n * sz : nullptr;
-          if (out_act == Act::kRelu)
-            scale<scalar_t, acc_t, true>(g, px + n * sz, rn, &gt[n * C], c0, c1, py + n * sz);
-          else
-            scale<scalar_t, acc_t, false>(g, px + n * sz, rn, &gt[n * C], c0, c1, py + n * sz);
-        }));
+    const auto pool = attn::range(C, attn::grain_for(g.HW), [&](int64_t n, int64_t c0, int64_t c1) {
+      std::vector<attn::red_t> sums(c1 - c0);
+      pool_sum(g, px + n * sz, c0, c1, sums.data());
+      for (int64_t c = c0; c < c1; ++c) pp[n * C + c] = static_cast<acc_t>(sums[c - c0] / g.HW);
+    });
+    auto scale_pass = [&](auto stream, auto relu) {
+      const int64_t extent = g.cl ? g.HW : C, grain = attn::grain_for(g.cl ? C : g.HW);
+      return attn::range(extent, grain, [&, stream, relu](int64_t n, int64_t b, int64_t e) {
+        scale<decltype(stream)::value, decltype(relu)::value>(g, px + n * sz, pr ? pr + n * sz : nullptr, &gt[n * C],
+                                                               b, e, py + n * sz);
+      });
+    };
+    auto run = [&](auto stream, auto relu) {
+      attn::per_sample(g.N, pool,
+                       attn::serial([&](int64_t n) {
+                         acc_t* gn = &gt[n * C];
+                         mlp.forward(act, pp + n * C, &z1[n * R], &h[n * R], gn);
+                         for (int64_t c = 0; c < C; ++c) gn[c] = attn::act_fwd(gate, gn[c]);
+                       }),
+                       scale_pass(stream, relu));
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    const bool stream = simd::should_stream(out.nbytes()), relu = out_act == Act::kRelu;
+    if (stream && relu) run(T{}, T{});
+    else if (stream) run(T{}, F{});
+    else if (relu) run(F{}, T{});
+    else run(F{}, F{});
   });
   return {out, pooled};
 }
