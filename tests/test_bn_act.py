@@ -137,6 +137,17 @@ def test_cpu_random_shapes(n, c, h, w, act, res, training, cl):
                "channels_last" if cl else "contiguous")
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_streamed_output(monkeypatch, layout, training):
+    """With FASTOPS_LLC_SHARE_BYTES=0 every fp32 output counts as too large for the cache and is written
+    with streaming stores (unaligned heads and tails included: C = 37, H*W = 29*17): same values, every
+    activation."""
+    monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", "0")
+    for case in CASES:
+        _check_all("cpu", case, torch.float32, "cpu", training, layout)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_cpu_thread_counts(threads):
     with cpu_threads(threads):

@@ -26,6 +26,7 @@
 #include "bn_act_common.h"
 #include "common.h"
 #include "cpu/simd.h"
+#include "cpu/stream_store.h"
 
 // Rows here are short (7..112 elements): GCC's rewrite of copy loops into memmove/memset calls costs
 // more per call than the copy itself.
@@ -570,38 +571,49 @@ inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::m
 template <Act A, typename acc_t>
 constexpr bool kVecAct = std::is_same_v<acc_t, float> && (A == Act::kSilu || A == Act::kGelu);
 
+// act on a whole fp32 vector, with act_forward's conventions (relu(NaN) = 0 included).
 template <Act A>
 inline simd::Vec<float>::V act_v(simd::Vec<float>::V z) {
   using S = simd::Vec<float>;
+  using V = S::V;
+  const V zero{}, six = S::splat(6.f);
   if constexpr (A == Act::kGelu) return simd::VGelu<float>::run(z);
-  else return z / (S::splat(1.f) + simd::VExp<float>::run(-z));
+  else if constexpr (A == Act::kSilu) return z / (S::splat(1.f) + simd::VExp<float>::run(-z));
+  else if constexpr (A == Act::kRelu) return z > 0.f ? z : zero;
+  else if constexpr (A == Act::kRelu6) return z > 0.f ? (z < 6.f ? z : six) : zero;
+  else if constexpr (A == Act::kHardswish) {
+    const V r = z + 3.f;
+    return z * (r > 0.f ? (r < 6.f ? r : six) : zero) * S::splat(1.f / 6.f);
+  } else return z;
 }
 
-// y[i] = act(x[i] * a[i] + b[i] + r[i]) for i < n on whole fp32 vectors, the tail lane by lane; a and b are
-// loaded (Step = 1, per-channel rows) or broadcast (Step = 0, one channel's plane). y may alias x.
-template <Act A, int Step, typename in_t, typename scalar_t>
+// y[i] = act(x[i] * a[i] + b[i] + r[i]) for i < n on whole fp32 vectors, the rest lane by lane; a and b are
+// loaded (Step = 1, per-channel rows) or broadcast (Step = 0, one channel's plane). y may alias x unless
+// kStream (y written around the cache, see stream_store.h).
+template <Act A, int Step, bool kStream = false, typename in_t, typename scalar_t>
 inline void vec_affine_act(const in_t* x, const scalar_t* r, scalar_t* y, int64_t n, const float* a,
                            const float* b) {
   using S = simd::Vec<float>;
-  int64_t i = 0;
-  for (; i + S::N <= n; i += S::N) {
-    S::V z = Step ? S::load_from(x + i) * S::load(a + i) + S::load(b + i)
-                  : S::load_from(x + i) * S::splat(*a) + S::splat(*b);
-    if (r) z += S::load_from(r + i);
-    S::store_to(y + i, act_v<A>(z));
-  }
-  for (; i < n; ++i) {
-    const float z = static_cast<float>(x[i]) * a[Step * i] + b[Step * i] + (r ? static_cast<float>(r[i]) : 0.f);
-    y[i] = static_cast<scalar_t>(bnact::act_forward(A, z));
-  }
+  simd::write_row<kStream, float>(
+      y, n,
+      [&](int64_t i) {
+        S::V z = Step ? S::load_from(x + i) * S::load(a + i) + S::load(b + i)
+                      : S::load_from(x + i) * S::splat(*a) + S::splat(*b);
+        if (r) z += S::load_from(r + i);
+        return act_v<A>(z);
+      },
+      [&](int64_t i) {
+        const float z = static_cast<float>(x[i]) * a[Step * i] + b[Step * i] + (r ? static_cast<float>(r[i]) : 0.f);
+        return bnact::act_forward(A, z);
+      });
 }
 
 // y = act(x * a + b + r) over n elements of one channel (NCHW plane); r may be null, y may alias x.
 // x may be of a wider type than y (a half / bf16 result computed in fp32 is rounded once, here).
-template <Act A, typename in_t, typename scalar_t, typename acc_t>
+template <Act A, bool kStream, typename in_t, typename scalar_t, typename acc_t>
 inline void plane_affine_act(const in_t* x, const scalar_t* r, scalar_t* y, int64_t n, acc_t a, acc_t b) {
-  if constexpr (kVecAct<A, acc_t>) {
-    vec_affine_act<A, 0>(x, r, y, n, &a, &b);
+  if constexpr (kVecAct<A, acc_t> || kStream) {
+    vec_affine_act<A, 0, kStream>(x, r, y, n, &a, &b);
   } else if (r) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i)
@@ -613,11 +625,11 @@ inline void plane_affine_act(const in_t* x, const scalar_t* r, scalar_t* y, int6
 }
 
 // The same over one channels_last pixel (C channels, per-channel a and b).
-template <Act A, typename in_t, typename scalar_t, typename acc_t>
+template <Act A, bool kStream, typename in_t, typename scalar_t, typename acc_t>
 inline void row_affine_act(const in_t* x, const scalar_t* r, scalar_t* y, int64_t C, const acc_t* a,
                            const acc_t* b) {
-  if constexpr (kVecAct<A, acc_t>) {
-    vec_affine_act<A, 1>(x, r, y, C, a, b);
+  if constexpr (kVecAct<A, acc_t> || kStream) {
+    vec_affine_act<A, 1, kStream>(x, r, y, C, a, b);
   } else if (r) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c)
@@ -629,27 +641,38 @@ inline void row_affine_act(const in_t* x, const scalar_t* r, scalar_t* y, int64_
 }
 
 // One unit (NCHW plane index or channels_last row index) of y = act(x * a[c] + b[c] + r).
-template <Act A, typename in_t, typename scalar_t, typename acc_t>
+template <Act A, bool kStream = false, typename in_t, typename scalar_t, typename acc_t>
 inline void unit_affine_act(const Geom& g, int64_t u, const in_t* x, const scalar_t* r, scalar_t* y,
                             const acc_t* a, const acc_t* b) {
   if (g.cl) {
     const int64_t o = u * g.C;
-    row_affine_act<A>(x + o, r ? r + o : nullptr, y + o, g.C, a, b);
+    row_affine_act<A, kStream>(x + o, r ? r + o : nullptr, y + o, g.C, a, b);
   } else {
     const int64_t c = u % g.C, o = u * g.HW;
-    plane_affine_act<A>(x + o, r ? r + o : nullptr, y + o, g.HW, a[c], b[c]);
+    plane_affine_act<A, kStream>(x + o, r ? r + o : nullptr, y + o, g.HW, a[c], b[c]);
   }
 }
 
-// The whole tensor, in parallel; y may alias x (an in-place epilogue).
+// The whole tensor, in parallel; y may alias x (an in-place epilogue). A separate fp32 output too large to
+// stay in cache is written around it (stream_store.h); in place there is no read to save.
 template <typename in_t, typename scalar_t, typename acc_t>
 void affine_act(const Geom& g, Act act, const in_t* x, const scalar_t* r, scalar_t* y, const acc_t* a,
                 const acc_t* b) {
+  constexpr bool kCanStream = std::is_same_v<in_t, float> && std::is_same_v<scalar_t, float>;
+  const bool stream = kCanStream && static_cast<const void*>(x) != static_cast<const void*>(y) &&
+                      simd::should_stream(g.N * g.C * g.HW * static_cast<int64_t>(sizeof(scalar_t)));
   dispatch_act(act, [&](auto ac) {
     constexpr Act A = decltype(ac)::value;
     const int64_t units = g.cl ? g.rows() : g.planes();
     const int64_t grain = g.cl ? row_grain(g.C) : std::max<int64_t>(1, 16384 / std::max<int64_t>(g.HW, 1));
     at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+      if constexpr (kCanStream) {
+        if (stream) {
+          for (int64_t u = u0; u < u1; ++u) unit_affine_act<A, true>(g, u, x, r, y, a, b);
+          simd::stream_fence();
+          return;
+        }
+      }
       for (int64_t u = u0; u < u1; ++u) unit_affine_act<A>(g, u, x, r, y, a, b);
     });
   });
