@@ -140,11 +140,12 @@ def test_cpu_random_shapes(n, c, h, w, act, res, training, cl):
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_cpu_streamed_output(monkeypatch, layout, training):
-    """With FASTOPS_LLC_SHARE_BYTES=0 every fp32 output counts as too large for the cache and is written
-    with streaming stores (unaligned heads and tails included: C = 37, H*W = 29*17): same values, every
+    """With FASTOPS_LLC_SHARE_BYTES=0 every fp32 output counts as too large for the cache: rows (NCHW
+    planes, channels_last pixels) of at least 256 values are written with streaming stores, from the
+    first 64-byte line boundary on (29*17 planes, C = 300 pixels start off one): same values, every
     activation."""
     monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", "0")
-    for case in CASES:
+    for case in CASES + [(2, 300, 5, 3, "relu", True, True), (1, 264, 2, 2, "gelu", False, True)]:
         _check_all("cpu", case, torch.float32, "cpu", training, layout)
 
 

@@ -120,6 +120,15 @@ def test_reference_backend_matches_conv2d():
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_cpu_streamed_output(monkeypatch):
+    """FASTOPS_LLC_SHARE_BYTES=0 makes every fp32 channels_last output count as too large for the cache:
+    the forward writes it with streaming stores where a vector is 32-byte aligned (C = 16, 48) and plain
+    stores elsewhere (C = 37: misaligned pixels and a scalar channel tail). Same values."""
+    monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", "0")
+    for geom in [GEOMS[0], GEOMS[1], (2, 16, 14, 14, 7, 1, 3, 1), (2, 48, 15, 13, 3, 2, 1, 1)]:
+        _check_all("cpu", geom, torch.float32, "channels_last", "cpu")
+
+
 @settings(max_examples=40, deadline=None, derandomize=True)  # same examples every CI run
 @given(n=st.integers(1, 3), c=st.integers(1, 40), h=st.integers(1, 24), w=st.integers(1, 24),
        kh=st.integers(1, 7), kw=st.integers(1, 7), sh=st.integers(1, 3), sw=st.integers(1, 3),

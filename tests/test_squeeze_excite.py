@@ -121,11 +121,14 @@ def test_cpu_random_shapes(n, c, h, w, r, cfg, cl):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_streamed_output(monkeypatch, share, layout, dtype):
-    """The CPU scale pass writes its output around the cache when the output is at least the cache share
-    FASTOPS_LLC_SHARE_BYTES (0: always, 2^40: never); both equal the reference, also for rows that do not
-    start at a vector-aligned address (H*W = 7*7, C = 37)."""
+    """The CPU forward sizes its sample blocks (the MLP of a block runs at once) and decides whether the
+    scale pass writes around the cache from the cache share FASTOPS_LLC_SHARE_BYTES: 0 gives one-sample
+    blocks and streamed stores, 2^40 a whole thread's samples in one block and plain stores. Both equal the
+    reference. Rows (NCHW planes, channels_last pixels) of at least 256 values stream their whole 64-byte
+    lines, so the shapes mix short rows, long ones that start off a line boundary (17*19, C = 264) and
+    aligned ones (16*16)."""
     monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", share)
-    for shape in [(3, 37, 7, 7, 5), (2, 64, 12, 12, 8), (1, 40, 9, 5, 4)]:
+    for shape in [(3, 37, 7, 7, 5), (5, 40, 17, 19, 8), (2, 264, 3, 5, 8), (2, 32, 16, 16, 4), (1, 40, 9, 5, 4)]:
         for cfg in CONFIGS[:2]:
             _check_all("cpu", shape, dtype, layout, cfg, "cpu")
 

@@ -198,7 +198,7 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
 
 // NV vectors of channels of one channels_last pixel: out = init + sum_t w[w_off[t]] * src[src_off[t]]
 // (all pointers already offset to the tile's first channel).
-template <int NV, typename scalar_t, typename acc_t>
+template <int NV, bool kStream = false, typename scalar_t, typename acc_t>
 inline void channel_tile(const scalar_t* src, const acc_t* w, const int64_t* src_off, const int64_t* w_off,
                          int64_t T, const acc_t* init, scalar_t* out) {
   using Vec = simd::Vec<acc_t>;
@@ -210,18 +210,20 @@ inline void channel_tile(const scalar_t* src, const acc_t* w, const int64_t* src
     const acc_t* ww = w + w_off[t];
     for (int j = 0; j < NV; ++j) acc[j] += Vec::load(ww + j * Vec::N) * Vec::load_from(s + j * Vec::N);
   }
-  for (int j = 0; j < NV; ++j) Vec::store_to(out + j * Vec::N, acc[j]);
+  for (int j = 0; j < NV; ++j) simd::store_vec<kStream, acc_t>(out + j * Vec::N, acc[j]);
 }
 
 // All C channels of one channels_last pixel: wide tiles, then one-vector tiles, then a scalar tail.
-template <typename scalar_t, typename acc_t>
+// kStream: vector stores bypass the cache (stream_store.h).
+template <bool kStream = false, typename scalar_t, typename acc_t>
 void pixel_channels(int64_t C, const scalar_t* src, const acc_t* w, const int64_t* src_off, const int64_t* w_off,
                     int64_t T, const acc_t* init, scalar_t* out) {
   constexpr int64_t N = simd::Vec<acc_t>::N;
   int64_t c = 0;
   for (; c + kTile <= C; c += kTile)
-    channel_tile<kTile / N>(src + c, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c);
-  for (; c + N <= C; c += N) channel_tile<1>(src + c, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c);
+    channel_tile<kTile / N, kStream>(src + c, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c);
+  for (; c + N <= C; c += N)
+    channel_tile<1, kStream>(src + c, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c);
   for (; c < C; ++c) {
     acc_t acc = init ? init[c] : acc_t(0);
     for (int64_t t = 0; t < T; ++t) acc += w[w_off[t] + c] * static_cast<acc_t>(src[src_off[t] + c]);
@@ -231,7 +233,7 @@ void pixel_channels(int64_t C, const scalar_t* src, const acc_t* w, const int64_
 
 // P neighbouring pixels x NV vectors of channels sharing one tap list (pixels `src_px` / `out_px` elements
 // apart): each weight vector is loaded once for P pixels.
-template <int P, int NV, typename scalar_t, typename acc_t>
+template <int P, int NV, bool kStream, typename scalar_t, typename acc_t>
 inline void pixels_tile(const scalar_t* src, int64_t src_px, const acc_t* w, const int64_t* src_off,
                         const int64_t* w_off, int64_t T, const acc_t* init, scalar_t* out, int64_t out_px) {
   using Vec = simd::Vec<acc_t>;
@@ -247,21 +249,21 @@ inline void pixels_tile(const scalar_t* src, int64_t src_px, const acc_t* w, con
       for (int j = 0; j < NV; ++j) acc[p][j] += wv[j] * Vec::load_from(s + p * src_px + j * Vec::N);
   }
   for (int p = 0; p < P; ++p)
-    for (int j = 0; j < NV; ++j) Vec::store_to(out + p * out_px + j * Vec::N, acc[p][j]);
+    for (int j = 0; j < NV; ++j) simd::store_vec<kStream, acc_t>(out + p * out_px + j * Vec::N, acc[p][j]);
 }
 
 // kPix pixels of one output row that share their tap list: all channels.
 constexpr int kPix = 4;
 constexpr int64_t kPrefetchPx = 3 * kPix;
-template <typename scalar_t, typename acc_t>
+template <bool kStream, typename scalar_t, typename acc_t>
 void pixels_channels(int64_t C, const scalar_t* src, int64_t src_px, const acc_t* w, const int64_t* src_off,
                      const int64_t* w_off, int64_t T, const acc_t* init, scalar_t* out) {
   constexpr int64_t N = simd::Vec<acc_t>::N;
   int64_t c = 0;
   for (; c + 2 * N <= C; c += 2 * N)
-    pixels_tile<kPix, 2>(src + c, src_px, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c, C);
+    pixels_tile<kPix, 2, kStream>(src + c, src_px, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c, C);
   for (; c + N <= C; c += N)
-    pixels_tile<kPix, 1>(src + c, src_px, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c, C);
+    pixels_tile<kPix, 1, kStream>(src + c, src_px, w + c, src_off, w_off, T, init ? init + c : nullptr, out + c, C);
   for (; c < C; ++c)
     for (int p = 0; p < kPix; ++p) {
       acc_t acc = init ? init[c] : acc_t(0);
@@ -296,52 +298,63 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
   const scalar_t* xp = x.data_ptr<scalar_t>();  // channels_last: (n, h, w, c) in memory
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int64_t C = g.C, KK = g.KH * g.KW;
+  // A large output goes around the cache (stream_store.h), unless an epilogue (post) re-reads it. Only
+  // with whole 16-channel tiles per pixel: each tile is then one full 64-byte line of y.
+  constexpr bool kMayStream = std::is_same_v<Post, NoPost> && std::is_same_v<scalar_t, float>;
+  const bool stream = kMayStream && C % 16 == 0 && simd::should_stream(static_cast<int64_t>(y.nbytes()));
 
-  at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> x_off(KK), w_off(KK);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / g.OH, oh = row % g.OH;
-      int64_t kh0, kh1;
-      tap_range(oh, g.SH, g.PT, g.DH, g.KH, g.H, kh0, kh1);
-      // The kernel's bottom input row is the one not yet in cache (the rows above were read for the
-      // previous output rows); the pixel-by-channel access order hides its stream from the hardware
-      // prefetcher, so fetch it kPrefetchPx pixels ahead.
-      const int64_t ih_new = oh * g.SH - g.PT + (g.KH - 1) * g.DH;
-      const scalar_t* new_row = (ih_new >= 0 && ih_new < g.H) ? xp + (n * g.H + ih_new) * g.W * C : nullptr;
-      int64_t prefetched = 0;  // input columns of new_row already requested
-      for (int64_t ow = 0; ow < g.OW;) {
-        if (new_row) {
-          const int64_t want = std::min(g.W, (ow + kPrefetchPx) * g.SW + (g.KW - 1) * g.DW - g.PL + 1);
-          if (want > prefetched) {
-            prefetch_range(new_row + prefetched * C, (want - prefetched) * C * static_cast<int64_t>(sizeof(scalar_t)));
-            prefetched = want;
+  auto rows = [&](auto stream_c) {
+    constexpr bool kStream = decltype(stream_c)::value;
+    at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> x_off(KK), w_off(KK);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / g.OH, oh = row % g.OH;
+        int64_t kh0, kh1;
+        tap_range(oh, g.SH, g.PT, g.DH, g.KH, g.H, kh0, kh1);
+        // The kernel's bottom input row is the one not yet in cache (the rows above were read for the
+        // previous output rows); the pixel-by-channel access order hides its stream from the hardware
+        // prefetcher, so fetch it kPrefetchPx pixels ahead.
+        const int64_t ih_new = oh * g.SH - g.PT + (g.KH - 1) * g.DH;
+        const scalar_t* new_row = (ih_new >= 0 && ih_new < g.H) ? xp + (n * g.H + ih_new) * g.W * C : nullptr;
+        int64_t prefetched = 0;  // input columns of new_row already requested
+        for (int64_t ow = 0; ow < g.OW;) {
+          if (new_row) {
+            const int64_t want = std::min(g.W, (ow + kPrefetchPx) * g.SW + (g.KW - 1) * g.DW - g.PL + 1);
+            if (want > prefetched) {
+              prefetch_range(new_row + prefetched * C,
+                             (want - prefetched) * C * static_cast<int64_t>(sizeof(scalar_t)));
+              prefetched = want;
+            }
+          }
+          int64_t kw0, kw1;
+          tap_range(ow, g.SW, g.PL, g.DW, g.KW, g.W, kw0, kw1);
+          // Taps inside the input, as offsets from this pixel's window origin.
+          int64_t T = 0;
+          for (int64_t kh = kh0; kh < kh1; ++kh)
+            for (int64_t kw = kw0; kw < kw1; ++kw, ++T) {
+              x_off[T] = (kh * g.DH * g.W + kw * g.DW) * C;
+              w_off[T] = (kh * g.KW + kw) * C;
+            }
+          const scalar_t* origin = xp + ((n * g.H + oh * g.SH - g.PT) * g.W + ow * g.SW - g.PL) * C;
+          scalar_t* out = yp + ((n * g.OH + oh) * g.OW + ow) * C;
+          // Away from the left/right border, kPix neighbours have every tap in the input.
+          const bool interior = kw0 == 0 && kw1 == g.KW && ow + kPix <= g.OW &&
+                                (ow + kPix - 1) * g.SW - g.PL + (g.KW - 1) * g.DW < g.W;
+          if (interior) {
+            pixels_channels<kStream>(C, origin, g.SW * C, wp, x_off.data(), w_off.data(), T, bp, out);
+            ow += kPix;
+          } else {
+            pixel_channels<kStream>(C, origin, wp, x_off.data(), w_off.data(), T, bp, out);
+            ow += 1;
           }
         }
-        int64_t kw0, kw1;
-        tap_range(ow, g.SW, g.PL, g.DW, g.KW, g.W, kw0, kw1);
-        // Taps inside the input, as offsets from this pixel's window origin.
-        int64_t T = 0;
-        for (int64_t kh = kh0; kh < kh1; ++kh)
-          for (int64_t kw = kw0; kw < kw1; ++kw, ++T) {
-            x_off[T] = (kh * g.DH * g.W + kw * g.DW) * C;
-            w_off[T] = (kh * g.KW + kw) * C;
-          }
-        const scalar_t* origin = xp + ((n * g.H + oh * g.SH - g.PT) * g.W + ow * g.SW - g.PL) * C;
-        scalar_t* out = yp + ((n * g.OH + oh) * g.OW + ow) * C;
-        // Away from the left/right border, kPix neighbours have every tap in the input.
-        const bool interior = kw0 == 0 && kw1 == g.KW && ow + kPix <= g.OW &&
-                              (ow + kPix - 1) * g.SW - g.PL + (g.KW - 1) * g.DW < g.W;
-        if (interior) {
-          pixels_channels(C, origin, g.SW * C, wp, x_off.data(), w_off.data(), T, bp, out);
-          ow += kPix;
-        } else {
-          pixel_channels(C, origin, wp, x_off.data(), w_off.data(), T, bp, out);
-          ow += 1;
-        }
+        post(row);
       }
-      post(row);
-    }
-  });
+      if (kStream) simd::stream_fence();
+    });
+  };
+  if (stream) rows(std::true_type{});
+  else rows(std::false_type{});
 }
 
 // ---------------------------------------------------------------------------------------------------
