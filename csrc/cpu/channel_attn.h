@@ -144,15 +144,7 @@ struct Mlp {
   Mlp(const Mlp&) = delete;
 
   // z1 (R) = W1 p + b1, h = act(z1), z2 (C) = W2 h + b2.
-  void forward(Act act, const acc_t* p, acc_t* z1, acc_t* h, acc_t* z2) const {
-    for (int64_t r = 0; r < R; ++r) {
-      z1[r] = dot(w1 + r * C, p, C) + b1[r];
-      h[r] = act_fwd(act, z1[r]);
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      z2[c] = dot(w2 + c * R, h, R) + b2[c];
-    }
-  }
+  void forward(Act act, const acc_t* p, acc_t* z1, acc_t* h, acc_t* z2) const { forward_batch(act, 1, p, z1, h, z2); }
 
   // forward() for K consecutive samples (p (K, C), z1 / h (K, R), z2 (K, C)): each weight row is read
   // once for the K samples. SE-ResNet-50's last stage has 2 MiB of fc weights per 0.4 MiB sample.

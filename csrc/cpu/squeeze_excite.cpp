@@ -2,10 +2,11 @@
 //
 // out = out_act(x * gate(W2 act(W1 mean_hw(x) + b1) + b2) + residual)
 //
-// Each sample is pooled (one read of its slice of x), its MLP evaluated, then scaled (second read, while the
-// slice is still in cache: with at least as many samples as threads each thread owns whole samples). The
-// residual add and the final activation happen in the scale pass, whose output goes around the cache when
-// it is too large to stay there (stream_store.h). Accumulation in at::opmath_type<T>.
+// A block of samples is pooled (one read of its slice of x), its MLP evaluated for the whole block, then
+// scaled (second read, while the slice is still in cache: with at least as many samples as threads each
+// thread owns whole samples). The residual add and the final activation happen in the scale pass, whose
+// output goes around the cache when it is too large to stay there (stream_store.h). Accumulation in
+// at::opmath_type<T>.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -69,7 +70,7 @@ void scale(const SeGeom& g, const scalar_t* xs, const scalar_t* rs, const acc_t*
     if constexpr (kRelu) return decltype(y)(y > 0 ? y : decltype(y){});
     else return y;
   };
-  // One contiguous run of n values starting at offset o, each scaled by gate_at(i).
+  // One contiguous run of n values starting at offset o; value i is scaled by gate_vec(i) / gate_one(i).
   auto run = [&](int64_t o, int64_t n, auto gate_vec, auto gate_one) {
     const scalar_t* x = xs + o;
     const scalar_t* r = rs ? rs + o : nullptr;
