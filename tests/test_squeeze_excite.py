@@ -117,29 +117,33 @@ def test_cpu_random_shapes(n, c, h, w, r, cfg, cl):
     _check_all("cpu", (n, c, h, w, r), torch.float32, "channels_last" if cl else "contiguous", cfg, "cpu")
 
 
-@pytest.mark.parametrize("share", ["0", str(1 << 40)], ids=["streamed", "cached"])
+@pytest.mark.parametrize("share", ["0", "x", str(1 << 40)], ids=["streamed-blocks", "streamed-whole", "cached"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_streamed_output(monkeypatch, share, layout, dtype):
-    """The CPU forward sizes its sample blocks (the MLP of a block runs at once) and decides whether the
-    scale pass writes around the cache from the cache share FASTOPS_LLC_SHARE_BYTES: 0 gives one-sample
-    blocks and streamed stores, 2^40 a whole thread's samples in one block and plain stores. Both equal the
-    reference. Rows (NCHW planes, channels_last pixels) of at least 256 values stream their whole 64-byte
-    lines, so the shapes mix short rows, long ones that start off a line boundary (17*19, C = 264) and
-    aligned ones (16*16)."""
-    monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", share)
+    """The CPU forward's schedule and stores follow the cache share FASTOPS_LLC_SHARE_BYTES. An x of at most
+    twice the share is pooled whole, its MLP split across threads by weight rows, then scaled; a larger x goes
+    in blocks of samples (0 gives one-sample blocks). The scale pass writes around the cache when the output
+    is at least the share. So 0 gives blocks + streamed stores, x's own size ("x") the whole-x schedule +
+    streamed stores, 2^40 the whole-x schedule + plain stores; all equal the reference. Rows (NCHW planes,
+    channels_last pixels) of at least 256 values stream their whole 64-byte lines, so the shapes mix short
+    rows, long ones that start off a line boundary (17*19, C = 264) and aligned ones (16*16)."""
+    esize = torch.finfo(dtype).bits // 8
     for shape in [(3, 37, 7, 7, 5), (5, 40, 17, 19, 8), (2, 264, 3, 5, 8), (2, 32, 16, 16, 4), (1, 40, 9, 5, 4)]:
+        nbytes = shape[0] * shape[1] * shape[2] * shape[3] * esize
+        monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", str(nbytes) if share == "x" else share)
         for cfg in CONFIGS[:2]:
             _check_all("cpu", shape, dtype, layout, cfg, "cpu")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_cpu_thread_counts(threads):
-    """Whole-sample and split-sample scheduling give the same result for any thread count."""
+    """Whole-sample and split-sample scheduling give the same result for any thread count; so does the MLP
+    whose weight rows the threads split (C = 1024, R = 44: several row chunks, ragged at the end)."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for shape in [(1, 33, 10, 9, 4), (2, 33, 10, 9, 4), (5, 33, 10, 9, 4)]:
+        for shape in [(1, 33, 10, 9, 4), (2, 33, 10, 9, 4), (5, 33, 10, 9, 4), (3, 1024, 3, 2, 44)]:
             _check_all("cpu", shape, torch.float32, "channels_last", CONFIGS[1], "cpu")
     finally:
         torch.set_num_threads(old)

@@ -140,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
     const scalar_t* px = x.data_ptr<scalar_t>();
     scalar_t* py = out.data_ptr<scalar_t>();
     acc_t *pp = pooled.data_ptr<acc_t>(), *ps = spatial.data_ptr<acc_t>();
-    std::vector<acc_t> ca(g.N * C), u(g.N * HW), tmp(g.N * (2 * R + 2 * C));
+    std::vector<acc_t> ca(g.N * C), u(g.N * HW), tmp(g.N * (4 * R + 2 * C));
     acc_t mean = 0, rstd = 0;
 
     // 1. avg and max over pixels, channels [c0, c1)
@@ -186,11 +186,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
     });
     // 2. the channel gate
     auto channel_mlp = attn::serial([&](int64_t n) {
-      acc_t* t = &tmp[n * (2 * R + 2 * C)];
-      const acc_t* p = pp + n * 2 * C;
-      mlp.forward(act, p, t, t + R, t + 2 * R);
-      mlp.forward(act, p + C, t, t + R, t + 2 * R + C);
-      for (int64_t c = 0; c < C; ++c) ca[n * C + c] = attn::act_fwd(gate, t[2 * R + c] + t[2 * R + C + c]);
+      // the avg and max branches as a batch of two (z1, h (2, R), z2 (2, C)): the weights are read once
+      acc_t* t = &tmp[n * (4 * R + 2 * C)];
+      mlp.forward_batch(act, 2, pp + n * 2 * C, t, t + 2 * R, t + 4 * R);
+      for (int64_t c = 0; c < C; ++c) ca[n * C + c] = attn::act_fwd(gate, t[4 * R + c] + t[4 * R + C + c]);
     });
     // 3. mean and max over channels of x * ca, pixels [q0, q1)
     auto channel_pool = attn::range(HW, attn::grain_for(C), [&](int64_t n, int64_t q0, int64_t q1) {
@@ -345,8 +344,7 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
     auto gates = attn::serial([&](int64_t n) {
       const acc_t* p = pp + n * 2 * C;
       acc_t *za = &z2[n * 2 * C], *zm = za + C;
-      mlp.forward(act, p, &z1[n * 2 * R], &h[n * 2 * R], za);
-      mlp.forward(act, p + C, &z1[n * 2 * R + R], &h[n * 2 * R + R], zm);
+      mlp.forward_batch(act, 2, p, &z1[n * 2 * R], &h[n * 2 * R], za);
       for (int64_t c = 0; c < C; ++c) {
         ca[n * C + c] = attn::act_fwd(gate, za[c] + zm[c]);
         dgate[n * C + c] = attn::act_grad(gate, za[c] + zm[c]);

@@ -66,21 +66,6 @@ inline Act parse_act(c10::string_view name, const char* arg, std::initializer_li
   TORCH_CHECK(false, "fastops: ", arg, " '", std::string(name), "' is not supported here");
 }
 
-// Dot product with SIMD partial sums (a plain loop is not vectorised without -ffast-math).
-template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  using V = simd::Vec<acc_t>;
-  typename V::V s0 = V::splat(0), s1 = V::splat(0);
-  int64_t i = 0;
-  for (; i + 2 * V::N <= n; i += 2 * V::N) {
-    s0 += V::load(a + i) * V::load(b + i);
-    s1 += V::load(a + i + V::N) * V::load(b + i + V::N);
-  }
-  acc_t s = V::sum(s0 + s1);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 template <typename acc_t>
 inline acc_t act_fwd(Act a, acc_t z) {
   switch (a) {
@@ -113,6 +98,49 @@ inline acc_t act_grad(Act a, acc_t z) {
     case Act::kHardSigmoid: return (z > acc_t(-3) && z < acc_t(3)) ? acc_t(1) / acc_t(6) : acc_t(0);
     default: return acc_t(1);
   }
+}
+
+// y (K, O) = x (K, I) w (O, I)^T + b (O), all row-major: every sample row dotted with every weight row.
+// Tiles of kO weight rows by kK sample rows share their loads: each loaded vector feeds kK or kO multiply-
+// adds, where a plain dot product spends two loads on one. The loads, not the arithmetic, bound these short GEMMs.
+template <int kO, int kK, typename acc_t>
+inline void linear_tile(int64_t I, int64_t O, const acc_t* x, const acc_t* w, const acc_t* b, acc_t* y) {
+  using Vt = simd::Vec<acc_t>;
+  using V = typename Vt::V;
+  V a[kO][kK];
+  for (int o = 0; o < kO; ++o)
+    for (int k = 0; k < kK; ++k) a[o][k] = Vt::splat(0);
+  int64_t i = 0;
+  for (; i + Vt::N <= I; i += Vt::N) {
+    V xv[kK];
+    for (int k = 0; k < kK; ++k) xv[k] = Vt::load(x + k * I + i);
+    for (int o = 0; o < kO; ++o) {
+      const V wv = Vt::load(w + o * I + i);
+      for (int k = 0; k < kK; ++k) a[o][k] += wv * xv[k];
+    }
+  }
+  for (int o = 0; o < kO; ++o)
+    for (int k = 0; k < kK; ++k) {
+      acc_t s = Vt::sum(a[o][k]);
+      for (int64_t j = i; j < I; ++j) s += w[o * I + j] * x[k * I + j];
+      y[k * O + o] = s + b[o];
+    }
+}
+
+// Rows [o0, o1) of y; weight-row tiles outermost: a tile is read from memory once and stays in L1/L2 for
+// all K samples.
+template <typename acc_t>
+void linear_rows(int64_t K, int64_t O, int64_t I, const acc_t* x, const acc_t* w, const acc_t* b, acc_t* y,
+                 int64_t o0, int64_t o1) {
+  auto rows = [&](auto kO, int64_t o) {
+    constexpr int R = decltype(kO)::value;
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) linear_tile<R, 2>(I, O, x + k * I, w + o * I, b + o, y + k * O + o);
+    if (k < K) linear_tile<R, 1>(I, O, x + k * I, w + o * I, b + o, y + k * O + o);
+  };
+  int64_t o = o0;
+  for (; o + 4 <= o1; o += 4) rows(std::integral_constant<int, 4>{}, o);
+  for (; o < o1; ++o) rows(std::integral_constant<int, 1>{}, o);
 }
 
 // The channel MLP z2 = W2 act(W1 p + b1) + b2 of one sample; W1 (R, C), W2 (C, R) row-major. Weights
@@ -149,13 +177,23 @@ struct Mlp {
   // forward() for K consecutive samples (p (K, C), z1 / h (K, R), z2 (K, C)): each weight row is read
   // once for the K samples. SE-ResNet-50's last stage has 2 MiB of fc weights per 0.4 MiB sample.
   void forward_batch(Act act, int64_t K, const acc_t* p, acc_t* z1, acc_t* h, acc_t* z2) const {
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t k = 0; k < K; ++k) {
-        z1[k * R + r] = dot(w1 + r * C, p + k * C, C) + b1[r];
-        h[k * R + r] = act_fwd(act, z1[k * R + r]);
-      }
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t k = 0; k < K; ++k) z2[k * C + c] = dot(w2 + c * R, h + k * R, R) + b2[c];
+    linear_rows(K, R, C, p, w1, b1, z1, 0, R);
+    for (int64_t i = 0; i < K * R; ++i) h[i] = act_fwd(act, z1[i]);
+    linear_rows(K, C, R, h, w2, b2, z2, 0, C);
+  }
+  // forward_batch() with the threads splitting each layer's weight rows, so that every weight is read once
+  // per call; z2 leaves as gate(W2 h + b2). Call it outside any parallel region.
+  void forward_parallel(Act act, Act gate, int64_t K, const acc_t* p, acc_t* z1, acc_t* h, acc_t* z2) const {
+    at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C * K)), [&](int64_t r0, int64_t r1) {
+      linear_rows(K, R, C, p, w1, b1, z1, r0, r1);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t r = r0; r < r1; ++r) h[k * R + r] = act_fwd(act, z1[k * R + r]);
+    });
+    at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, R * K)), [&](int64_t c0, int64_t c1) {
+      linear_rows(K, C, R, h, w2, b2, z2, c0, c1);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = c0; c < c1; ++c) z2[k * C + c] = act_fwd(gate, z2[k * C + c]);
+    });
   }
 
   // Given dz2 (C), returns dz1 (R) and dp (C) = W1^T dz1; z1 from forward().

@@ -2,11 +2,12 @@
 //
 // out = out_act(x * gate(W2 act(W1 mean_hw(x) + b1) + b2) + residual)
 //
-// A block of samples is pooled (one read of its slice of x), its MLP evaluated for the whole block, then
-// scaled (second read, while the slice is still in cache: with at least as many samples as threads each
-// thread owns whole samples). The residual add and the final activation happen in the scale pass, whose
-// output goes around the cache when it is too large to stay there (stream_store.h). Accumulation in
-// at::opmath_type<T>.
+// x is pooled (one read), the MLP evaluated for all samples with the threads splitting its weights, then x
+// scaled (second read, from the cache). An x too large for the cache goes in blocks of samples instead, each
+// pooled, its MLP run, and scaled while its slice is still in cache (with at least as many samples as
+// threads each thread owns whole samples). The residual add and the final activation happen in the scale
+// pass, whose output goes around the cache when it is too large to stay there (stream_store.h).
+// Accumulation in at::opmath_type<T>.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -143,17 +144,27 @@ std::tuple<at::Tensor, at::Tensor> squeeze_excite_cpu(const at::Tensor& x_in, co
                                                                b, e, py + n * sz);
       });
     };
-    // Samples in blocks whose slices of x fit a quarter of the cache share together: the MLP of a block
-    // runs at once (its weights read once per block), the block's x is still in cache for the scale pass.
+    // Up to twice the cache share, x stays in cache between the two passes whatever their order: pool every
+    // sample, run the MLP of all samples with the threads splitting its weight rows (each weight read once,
+    // not once per thread), then scale. A larger x goes in blocks of samples whose slices fit a quarter of
+    // the share together: a block is pooled, its MLP run at once (weights read once per block) and scaled
+    // while its slice of x is still in cache.
+    const bool whole = x.nbytes() <= 2 * simd::llc_share_bytes();
     const int64_t B = std::max<int64_t>(
         1, simd::llc_share_bytes() / 4 / std::max<int64_t>(1, sz * static_cast<int64_t>(sizeof(scalar_t))));
     auto run = [&](auto stream, auto relu) {
-      attn::per_block(g.N, B, pool,
-                      attn::block([&](int64_t n0, int64_t n1) {
-                        mlp.forward_batch(act, n1 - n0, pp + n0 * C, &z1[n0 * R], &h[n0 * R], &gt[n0 * C]);
-                        for (int64_t i = n0 * C; i < n1 * C; ++i) gt[i] = attn::act_fwd(gate, gt[i]);
-                      }),
-                      scale_pass(stream, relu));
+      if (whole) {
+        attn::per_sample(g.N, pool);
+        mlp.forward_parallel(act, gate, g.N, pp, z1.data(), h.data(), gt.data());
+        attn::per_sample(g.N, scale_pass(stream, relu));
+      } else {
+        attn::per_block(g.N, B, pool,
+                        attn::block([&](int64_t n0, int64_t n1) {
+                          mlp.forward_batch(act, n1 - n0, pp + n0 * C, &z1[n0 * R], &h[n0 * R], &gt[n0 * C]);
+                          for (int64_t i = n0 * C; i < n1 * C; ++i) gt[i] = attn::act_fwd(gate, gt[i]);
+                        }),
+                        scale_pass(stream, relu));
+      }
     };
     using T = std::true_type;
     using F = std::false_type;
