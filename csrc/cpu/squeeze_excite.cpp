@@ -51,8 +51,28 @@ void pool_sum(const SeGeom& g, const scalar_t* xs, int64_t c0, int64_t c1, attn:
       acc[c - c0] = t;
     }
   } else {
+    // Four pixels of float / half / bf16 are added in float before one add into the double sums: the sums'
+    // loads and stores in L1, one pair per pixel and channel otherwise, would cost more than reading x.
+    using F = simd::Vec<float>;
+    static_assert(F::N == 2 * V::N, "a float vector converts to two double vectors");
     for (int64_t c = c0; c < c1; ++c) acc[c - c0] = 0;
-    for (int64_t q = 0; q < g.HW; ++q) {
+    int64_t q = 0;
+    if constexpr (!std::is_same_v<scalar_t, double>) for (; q + 4 <= g.HW; q += 4) {
+      const scalar_t* p = xs + q * g.C;
+      int64_t c = c0;
+      for (; c + F::N <= c1; c += F::N) {
+        const typename F::V f = (F::load_from(p + c) + F::load_from(p + g.C + c)) +
+                                (F::load_from(p + 2 * g.C + c) + F::load_from(p + 3 * g.C + c));
+        typename V::V lo, hi;
+        for (int i = 0; i < V::N; ++i) lo[i] = f[i], hi[i] = f[V::N + i];
+        V::store(acc + c - c0, V::load(acc + c - c0) + lo);
+        V::store(acc + c - c0 + V::N, V::load(acc + c - c0 + V::N) + hi);
+      }
+      for (; c < c1; ++c)
+        acc[c - c0] += static_cast<acc_t>((static_cast<float>(p[c]) + static_cast<float>(p[g.C + c])) +
+                                          (static_cast<float>(p[2 * g.C + c]) + static_cast<float>(p[3 * g.C + c])));
+    }
+    for (; q < g.HW; ++q) {
       const scalar_t* p = xs + q * g.C;
       for (int64_t c = c0; c < c1; ++c) acc[c - c0] += static_cast<acc_t>(p[c]);
     }
@@ -149,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> squeeze_excite_cpu(const at::Tensor& x_in, co
     // not once per thread), then scale. A larger x goes in blocks of samples whose slices fit a quarter of
     // the share together: a block is pooled, its MLP run at once (weights read once per block) and scaled
     // while its slice of x is still in cache.
-    const bool whole = x.nbytes() <= 2 * simd::llc_share_bytes();
+    const bool whole = static_cast<int64_t>(x.nbytes()) <= 2 * simd::llc_share_bytes();
     const int64_t B = std::max<int64_t>(
         1, simd::llc_share_bytes() / 4 / std::max<int64_t>(1, sz * static_cast<int64_t>(sizeof(scalar_t))));
     auto run = [&](auto stream, auto relu) {
