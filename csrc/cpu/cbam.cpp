@@ -356,21 +356,29 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
       const acc_t *can = &ca[n * C], *smax = ps + n * 2 * HW + HW;
       std::vector<red_t> ub(q1 - q0);
       spatial_conv(g, ps + n * 2 * HW, cw.data(), q0, q1, ub.data());
+      std::vector<red_t> dsa(q1 - q0, red_t(0));
+      std::vector<acc_t> cnt(q1 - q0, acc_t(0));
+      auto add = [&](int64_t c, int64_t q) {
+        const int64_t o = g.at(c, q);
+        const acc_t v = static_cast<acc_t>(xs[o]) * can[c];
+        dsa[q - q0] += red_t(static_cast<acc_t>(gs[o])) * v;
+        cnt[q - q0] += v == smax[q] ? acc_t(1) : acc_t(0);
+      };
+      // The sums run over c in the same order either way; the loops nest so that the inner one is contiguous.
+      if (g.cl) {
+        for (int64_t q = q0; q < q1; ++q)
+          for (int64_t c = 0; c < C; ++c) add(c, q);
+      } else {
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t q = q0; q < q1; ++q) add(c, q);
+      }
       for (int64_t q = q0; q < q1; ++q) {
-        attn::red_t dsa = 0;
-        acc_t cnt = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t o = g.at(c, q);
-          const acc_t v = static_cast<acc_t>(xs[o]) * can[c];
-          dsa += attn::red_t(static_cast<acc_t>(gs[o])) * v;
-          cnt += v == smax[q] ? acc_t(1) : acc_t(0);
-        }
         const red_t vh = (ub[q - q0] - mean) * rstd;
         const red_t z = vh * gamma + beta;
         vhat[n * HW + q] = vh;
         sa[n * HW + q] = static_cast<acc_t>(attn::act_fwd(gate, z));
-        dv[n * HW + q] = dsa * attn::act_grad(gate, z);
-        ties[n * HW + q] = cnt;
+        dv[n * HW + q] = dsa[q - q0] * attn::act_grad(gate, z);
+        ties[n * HW + q] = cnt[q - q0];
       }
     });
     auto bn_back = attn::range(HW, 4096, [&](int64_t n, int64_t q0, int64_t q1) {
@@ -423,20 +431,25 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
       const scalar_t* xs = px + n * sz;
       scalar_t* gxs = pgx + n * sz;
       const acc_t *pmax = pp + n * 2 * C + C, *dpa = &dp[n * 2 * C], *dpm = dpa + C;
-      std::vector<acc_t> cnt(c1 - c0, acc_t(0));
+      // Integer tie counts and a select instead of a branch: both let the compiler vectorise these loops.
+      std::vector<int64_t> cnt(c1 - c0, 0);
       if (!g.cl) {
         for (int64_t c = c0; c < c1; ++c)
-          for (int64_t q = 0; q < HW; ++q) cnt[c - c0] += static_cast<acc_t>(xs[c * HW + q]) == pmax[c] ? 1 : 0;
+          for (int64_t q = 0; q < HW; ++q) cnt[c - c0] += static_cast<acc_t>(xs[c * HW + q]) == pmax[c];
       } else {
         for (int64_t q = 0; q < HW; ++q)
-          for (int64_t c = c0; c < c1; ++c) cnt[c - c0] += static_cast<acc_t>(xs[q * C + c]) == pmax[c] ? 1 : 0;
+          for (int64_t c = c0; c < c1; ++c) cnt[c - c0] += static_cast<acc_t>(xs[q * C + c]) == pmax[c];
       }
       const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
+      std::vector<acc_t> base(c1 - c0), tie(c1 - c0);
+      for (int64_t c = c0; c < c1; ++c) {
+        base[c - c0] = dpa[c] * inv_hw;
+        tie[c - c0] = cnt[c - c0] > 0 ? dpm[c] / static_cast<acc_t>(cnt[c - c0]) : acc_t(0);
+      }
       auto one = [&](int64_t c, int64_t q) {
         const int64_t o = g.at(c, q);
-        acc_t d = static_cast<acc_t>(gxs[o]) + dpa[c] * inv_hw;
-        if (static_cast<acc_t>(xs[o]) == pmax[c]) d += dpm[c] / cnt[c - c0];
-        gxs[o] = static_cast<scalar_t>(d);
+        const acc_t d = static_cast<acc_t>(gxs[o]) + base[c - c0];
+        gxs[o] = static_cast<scalar_t>(d + (static_cast<acc_t>(xs[o]) == pmax[c] ? tie[c - c0] : acc_t(0)));
       };
       if (!g.cl) {
         for (int64_t c = c0; c < c1; ++c)
