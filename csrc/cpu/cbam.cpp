@@ -26,7 +26,6 @@ using attn::dense;
 struct CbamGeom {
   int64_t N, C, H, W, HW, K, P;  // K: spatial kernel size, P = K / 2
   bool cl;
-  int64_t at(int64_t c, int64_t q) const { return cl ? q * C + c : c * HW + q; }  // within one sample
 };
 
 
@@ -358,19 +357,24 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
       spatial_conv(g, ps + n * 2 * HW, cw.data(), q0, q1, ub.data());
       std::vector<red_t> dsa(q1 - q0, red_t(0));
       std::vector<acc_t> cnt(q1 - q0, acc_t(0));
-      auto add = [&](int64_t c, int64_t q) {
-        const int64_t o = g.at(c, q);
+      auto add = [&](int64_t c, int64_t q, int64_t o, red_t& s, acc_t& k) {
         const acc_t v = static_cast<acc_t>(xs[o]) * can[c];
-        dsa[q - q0] += red_t(static_cast<acc_t>(gs[o])) * v;
-        cnt[q - q0] += v == smax[q] ? acc_t(1) : acc_t(0);
+        s += red_t(static_cast<acc_t>(gs[o])) * v;
+        k += v == smax[q] ? acc_t(1) : acc_t(0);
       };
-      // The sums run over c in the same order either way; the loops nest so that the inner one is contiguous.
+      // The sums run over c in the same order either way; the loops nest so that the inner one is contiguous
+      // (channels_last sums into locals: into the arrays, the compiler vectorises over q, with gathers).
       if (g.cl) {
-        for (int64_t q = q0; q < q1; ++q)
-          for (int64_t c = 0; c < C; ++c) add(c, q);
+        for (int64_t q = q0; q < q1; ++q) {
+          red_t s = 0;
+          acc_t k = 0;
+          for (int64_t c = 0; c < C; ++c) add(c, q, q * C + c, s, k);
+          dsa[q - q0] = s;
+          cnt[q - q0] = k;
+        }
       } else {
         for (int64_t c = 0; c < C; ++c)
-          for (int64_t q = q0; q < q1; ++q) add(c, q);
+          for (int64_t q = q0; q < q1; ++q) add(c, q, c * HW + q, dsa[q - q0], cnt[q - q0]);
       }
       for (int64_t q = q0; q < q1; ++q) {
         const red_t vh = (ub[q - q0] - mean) * rstd;
@@ -403,20 +407,21 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
       const acc_t *can = &ca[n * C], *san = &sa[n * HW], *cmean = &coef_mean[n * HW], *cmax = &coef_max[n * HW];
       const acc_t* smax = ps + n * 2 * HW + HW;
       std::vector<attn::red_t> acc(c1 - c0, attn::red_t(0));
-      auto one = [&](int64_t c, int64_t q) {
-        const int64_t o = g.at(c, q);
+      // element o = (c, q); offsets spelled out per layout (and a select, not a branch) so that the
+      // channels_last inner loop vectorises
+      auto one = [&](int64_t c, int64_t q, int64_t o) {
         const acc_t xv = static_cast<acc_t>(xs[o]), v = xv * can[c];
-        acc_t d = static_cast<acc_t>(gs[o]) * san[q] + cmean[q];
-        if (v == smax[q]) d += cmax[q];
+        const acc_t d0 = static_cast<acc_t>(gs[o]) * san[q] + cmean[q];
+        const acc_t d = d0 + (v == smax[q] ? cmax[q] : acc_t(0));
         acc[c - c0] += attn::red_t(d) * xv;
         gxs[o] = static_cast<scalar_t>(d * can[c]);
       };
       if (!g.cl) {
         for (int64_t c = c0; c < c1; ++c)
-          for (int64_t q = 0; q < HW; ++q) one(c, q);
+          for (int64_t q = 0; q < HW; ++q) one(c, q, c * HW + q);
       } else {
         for (int64_t q = 0; q < HW; ++q)
-          for (int64_t c = c0; c < c1; ++c) one(c, q);
+          for (int64_t c = c0; c < c1; ++c) one(c, q, q * C + c);
       }
       for (int64_t c = c0; c < c1; ++c) dca[n * C + c] = static_cast<acc_t>(acc[c - c0]);
     });
@@ -434,11 +439,16 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
       // Integer tie counts and a select instead of a branch: both let the compiler vectorise these loops.
       std::vector<int64_t> cnt(c1 - c0, 0);
       if (!g.cl) {
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t q = 0; q < HW; ++q) cnt[c - c0] += static_cast<acc_t>(xs[c * HW + q]) == pmax[c];
+        for (int64_t c = c0; c < c1; ++c) {
+          int64_t k = 0;  // a local sum: into the array, the compiler vectorises over c, with gathers
+          for (int64_t q = 0; q < HW; ++q) k += static_cast<acc_t>(xs[c * HW + q]) == pmax[c];
+          cnt[c - c0] = k;
+        }
       } else {
-        for (int64_t q = 0; q < HW; ++q)
-          for (int64_t c = c0; c < c1; ++c) cnt[c - c0] += static_cast<acc_t>(xs[q * C + c]) == pmax[c];
+        for (int64_t q = 0; q < HW; ++q) {
+          const scalar_t* xq = xs + q * C;  // hoisted: an int64 store into cnt might alias C, and a gather follows
+          for (int64_t c = c0; c < c1; ++c) cnt[c - c0] += static_cast<acc_t>(xq[c]) == pmax[c];
+        }
       }
       const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
       std::vector<acc_t> base(c1 - c0), tie(c1 - c0);
@@ -446,17 +456,18 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
         base[c - c0] = dpa[c] * inv_hw;
         tie[c - c0] = cnt[c - c0] > 0 ? dpm[c] / static_cast<acc_t>(cnt[c - c0]) : acc_t(0);
       }
-      auto one = [&](int64_t c, int64_t q) {
-        const int64_t o = g.at(c, q);
+      // element o of channel c; offsets spelled out per layout so that the compiler sees unit-stride inner
+      // loops (through a layout-generic index it gathers)
+      auto one = [&](int64_t c, int64_t o) {
         const acc_t d = static_cast<acc_t>(gxs[o]) + base[c - c0];
         gxs[o] = static_cast<scalar_t>(d + (static_cast<acc_t>(xs[o]) == pmax[c] ? tie[c - c0] : acc_t(0)));
       };
       if (!g.cl) {
         for (int64_t c = c0; c < c1; ++c)
-          for (int64_t q = 0; q < HW; ++q) one(c, q);
+          for (int64_t q = 0; q < HW; ++q) one(c, c * HW + q);
       } else {
         for (int64_t q = 0; q < HW; ++q)
-          for (int64_t c = c0; c < c1; ++c) one(c, q);
+          for (int64_t c = c0; c < c1; ++c) one(c, q * C + c);
       }
     });
 
