@@ -362,8 +362,7 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
         s += red_t(static_cast<acc_t>(gs[o])) * v;
         k += v == smax[q] ? acc_t(1) : acc_t(0);
       };
-      // The sums run over c in the same order either way; the loops nest so that the inner one is contiguous
-      // (channels_last sums into locals: into the arrays, the compiler vectorises over q, with gathers).
+      // The sums run over c in the same order either way; the loops nest so that the inner one is contiguous.
       if (g.cl) {
         for (int64_t q = q0; q < q1; ++q) {
           red_t s = 0;
@@ -440,7 +439,7 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
       std::vector<int64_t> cnt(c1 - c0, 0);
       if (!g.cl) {
         for (int64_t c = c0; c < c1; ++c) {
-          int64_t k = 0;  // a local sum: into the array, the compiler vectorises over c, with gathers
+          int64_t k = 0;
           for (int64_t q = 0; q < HW; ++q) k += static_cast<acc_t>(xs[c * HW + q]) == pmax[c];
           cnt[c - c0] = k;
         }

@@ -102,7 +102,8 @@ inline acc_t act_grad(Act a, acc_t z) {
 
 // y (K, O) = x (K, I) w (O, I)^T + b (O), all row-major: every sample row dotted with every weight row.
 // Tiles of kO weight rows by kK sample rows share their loads: each loaded vector feeds kK or kO multiply-
-// adds, where a plain dot product spends two loads on one. The loads, not the arithmetic, bound these short GEMMs.
+// adds, where a plain dot product spends two loads on one. The loads, not the arithmetic, bound these
+// short GEMMs.
 template <int kO, int kK, typename acc_t>
 inline void linear_tile(int64_t I, int64_t O, const acc_t* x, const acc_t* w, const acc_t* b, acc_t* y) {
   using Vt = simd::Vec<acc_t>;

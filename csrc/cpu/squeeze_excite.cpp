@@ -57,20 +57,21 @@ void pool_sum(const SeGeom& g, const scalar_t* xs, int64_t c0, int64_t c1, attn:
     static_assert(F::N == 2 * V::N, "a float vector converts to two double vectors");
     for (int64_t c = c0; c < c1; ++c) acc[c - c0] = 0;
     int64_t q = 0;
-    if constexpr (!std::is_same_v<scalar_t, double>) for (; q + 4 <= g.HW; q += 4) {
-      const scalar_t* p = xs + q * g.C;
-      int64_t c = c0;
-      for (; c + F::N <= c1; c += F::N) {
-        const typename F::V f = (F::load_from(p + c) + F::load_from(p + g.C + c)) +
-                                (F::load_from(p + 2 * g.C + c) + F::load_from(p + 3 * g.C + c));
-        typename V::V lo, hi;
-        for (int i = 0; i < V::N; ++i) lo[i] = f[i], hi[i] = f[V::N + i];
-        V::store(acc + c - c0, V::load(acc + c - c0) + lo);
-        V::store(acc + c - c0 + V::N, V::load(acc + c - c0 + V::N) + hi);
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      for (; q + 4 <= g.HW; q += 4) {
+        const scalar_t *p0 = xs + q * g.C, *p1 = p0 + g.C, *p2 = p1 + g.C, *p3 = p2 + g.C;
+        int64_t c = c0;
+        for (; c + F::N <= c1; c += F::N) {
+          const typename F::V f = (F::load_from(p0 + c) + F::load_from(p1 + c)) +
+                                  (F::load_from(p2 + c) + F::load_from(p3 + c));
+          typename V::V lo, hi;
+          for (int i = 0; i < V::N; ++i) lo[i] = f[i], hi[i] = f[V::N + i];
+          V::store(acc + c - c0, V::load(acc + c - c0) + lo);
+          V::store(acc + c - c0 + V::N, V::load(acc + c - c0 + V::N) + hi);
+        }
+        auto f32 = [](scalar_t v) { return static_cast<float>(v); };
+        for (; c < c1; ++c) acc[c - c0] += static_cast<acc_t>((f32(p0[c]) + f32(p1[c])) + (f32(p2[c]) + f32(p3[c])));
       }
-      for (; c < c1; ++c)
-        acc[c - c0] += static_cast<acc_t>((static_cast<float>(p[c]) + static_cast<float>(p[g.C + c])) +
-                                          (static_cast<float>(p[2 * g.C + c]) + static_cast<float>(p[3 * g.C + c])));
     }
     for (; q < g.HW; ++q) {
       const scalar_t* p = xs + q * g.C;
