@@ -100,6 +100,9 @@ inline acc_t act_grad(Act a, acc_t z) {
   }
 }
 
+// Grain (in units of the split dimension) that gives each chunk about 32K elements of work.
+inline int64_t grain_for(int64_t inner) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, inner)); }
+
 // y (K, O) = x (K, I) w (O, I)^T + b (O), all row-major: every sample row dotted with every weight row.
 // Tiles of kO weight rows by kK sample rows share their loads: each loaded vector feeds kK or kO multiply-
 // adds, where a plain dot product spends two loads on one. The loads, not the arithmetic, bound these
@@ -185,12 +188,12 @@ struct Mlp {
   // forward_batch() with the threads splitting each layer's weight rows, so that every weight is read once
   // per call; z2 leaves as gate(W2 h + b2). Call it outside any parallel region.
   void forward_parallel(Act act, Act gate, int64_t K, const acc_t* p, acc_t* z1, acc_t* h, acc_t* z2) const {
-    at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C * K)), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, grain_for(C * K), [&](int64_t r0, int64_t r1) {
       linear_rows(K, R, C, p, w1, b1, z1, r0, r1);
       for (int64_t k = 0; k < K; ++k)
         for (int64_t r = r0; r < r1; ++r) h[k * R + r] = act_fwd(act, z1[k * R + r]);
     });
-    at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, R * K)), [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, grain_for(R * K), [&](int64_t c0, int64_t c1) {
       linear_rows(K, C, R, h, w2, b2, z2, c0, c1);
       for (int64_t k = 0; k < K; ++k)
         for (int64_t c = c0; c < c1; ++c) z2[k * C + c] = act_fwd(gate, z2[k * C + c]);
@@ -300,9 +303,6 @@ template <typename... Stages>
 void per_sample(int64_t N, const Stages&... stages) {
   per_block(N, 1, stages...);
 }
-
-// Grain (in units of the split dimension) that gives each chunk about 32K elements of work.
-inline int64_t grain_for(int64_t inner) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, inner)); }
 
 }  // namespace attn
 }  // namespace fastops
