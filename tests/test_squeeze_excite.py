@@ -136,6 +136,18 @@ def test_cpu_streamed_output(monkeypatch, share, layout, dtype):
             _check_all("cpu", shape, dtype, layout, cfg, "cpu")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_multi_sample_blocks(monkeypatch, layout):
+    """An x over twice the cache share goes in blocks of several samples, whose MLP and its backward run as
+    small GEMMs over the block. With the share a third of x's fp32 bytes, 100 samples make blocks of 8 in the
+    forward and of 4 (2 under relu, which also reads out) in the backward, the last block of each thread
+    ragged."""
+    shape = (100, 12, 3, 5, 3)
+    monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", str(100 * 12 * 3 * 5 * 4 // 3))
+    for cfg in CONFIGS:
+        _check_all("cpu", shape, torch.float32, layout, cfg, "cpu")
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_cpu_thread_counts(threads):
     """Whole-sample and split-sample scheduling give the same result for any thread count; so does the MLP

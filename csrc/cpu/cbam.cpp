@@ -427,8 +427,7 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
     auto mlp_back = attn::serial([&](int64_t n) {
       acc_t* d2 = &dz2[n * 2 * C];
       for (int64_t c = 0; c < C; ++c) d2[c] = d2[C + c] = dca[n * C + c] * dgate[n * C + c];
-      mlp.backward(act, &z1[n * 2 * R], d2, &dz1[n * 2 * R], &dp[n * 2 * C]);
-      mlp.backward(act, &z1[n * 2 * R + R], d2, &dz1[n * 2 * R + R], &dp[n * 2 * C + C]);
+      mlp.backward_batch(act, 2, &z1[n * 2 * R], d2, &dz1[n * 2 * R], &dp[n * 2 * C]);
     });
     // gx += dpavg / HW + dpmax * [x == max_hw] / ties, channels [c0, c1)
     auto pool_back = attn::range(C, attn::grain_for(HW), [&](int64_t n, int64_t c0, int64_t c1) {

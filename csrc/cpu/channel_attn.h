@@ -147,6 +147,58 @@ void linear_rows(int64_t K, int64_t O, int64_t I, const acc_t* x, const acc_t* w
   for (; o < o1; ++o) rows(std::integral_constant<int, 1>{}, o);
 }
 
+// y (K, O) = x (K, I) w (I, O), all row-major: the products of the MLP's backward (dz2 W2, dz1 W1), whose
+// weights are read along their rows. Tiles of kK sample rows by kV vectors of output columns: each loaded
+// weight vector feeds kK multiply-adds.
+template <int kK, int kV, typename acc_t>
+inline void linear_t_tile(int64_t I, int64_t O, const acc_t* x, const acc_t* w, acc_t* y) {
+  using Vt = simd::Vec<acc_t>;
+  using V = typename Vt::V;
+  V a[kK][kV];
+  for (int k = 0; k < kK; ++k)
+    for (int v = 0; v < kV; ++v) a[k][v] = Vt::splat(0);
+  for (int64_t i = 0; i < I; ++i) {
+    V wv[kV];
+    for (int v = 0; v < kV; ++v) wv[v] = Vt::load(w + i * O + v * Vt::N);
+    for (int k = 0; k < kK; ++k) {
+      const V xv = Vt::splat(x[k * I + i]);
+      for (int v = 0; v < kV; ++v) a[k][v] += xv * wv[v];
+    }
+  }
+  for (int k = 0; k < kK; ++k)
+    for (int v = 0; v < kV; ++v) Vt::store(y + k * O + v * Vt::N, a[k][v]);
+}
+
+// Columns [o0, o1) of y = x w as above.
+template <typename acc_t>
+void linear_t_cols(int64_t K, int64_t O, int64_t I, const acc_t* x, const acc_t* w, acc_t* y, int64_t o0,
+                   int64_t o1) {
+  constexpr int N = simd::Vec<acc_t>::N;
+  auto cols = [&](auto kV, int64_t o) {
+    constexpr int V = decltype(kV)::value;
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) linear_t_tile<4, V>(I, O, x + k * I, w + o, y + k * O + o);
+    for (; k < K; ++k) linear_t_tile<1, V>(I, O, x + k * I, w + o, y + k * O + o);
+  };
+  int64_t o = o0;
+  for (; o + 2 * N <= o1; o += 2 * N) cols(std::integral_constant<int, 2>{}, o);
+  for (; o + N <= o1; o += N) cols(std::integral_constant<int, 1>{}, o);
+  for (; o < o1; ++o)
+    for (int64_t k = 0; k < K; ++k) {
+      acc_t s = 0;
+      for (int64_t i = 0; i < I; ++i) s += x[k * I + i] * w[i * O + o];
+      y[k * O + o] = s;
+    }
+}
+
+// fn(o0, o1) over [0, O) split across the threads in whole vectors of columns, each column costing `work`.
+template <typename acc_t, typename F>
+void parallel_cols(int64_t O, int64_t work, const F& fn) {
+  constexpr int N = simd::Vec<acc_t>::N;
+  at::parallel_for(0, (O + N - 1) / N, grain_for(work * N),
+                   [&](int64_t b0, int64_t b1) { fn(b0 * N, std::min(O, b1 * N)); });
+}
+
 // The channel MLP z2 = W2 act(W1 p + b1) + b2 of one sample; W1 (R, C), W2 (C, R) row-major. Weights
 // already in acc_t are read in place; half / bf16 ones are converted once per call.
 template <typename acc_t>
@@ -200,44 +252,72 @@ struct Mlp {
     });
   }
 
-  // Given dz2 (C), returns dz1 (R) and dp (C) = W1^T dz1; z1 from forward().
-  void backward(Act act, const acc_t* z1, const acc_t* dz2, acc_t* dz1, acc_t* dp) const {
-    for (int64_t r = 0; r < R; ++r) dz1[r] = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t* w = w2 + c * R;
-      for (int64_t r = 0; r < R; ++r) dz1[r] += w[r] * dz2[c];
-    }
-    for (int64_t r = 0; r < R; ++r) dz1[r] *= act_grad(act, z1[r]);
-    for (int64_t c = 0; c < C; ++c) dp[c] = 0;
-    for (int64_t r = 0; r < R; ++r) {
-      const acc_t* w = w1 + r * C;
-      for (int64_t c = 0; c < C; ++c) dp[c] += w[c] * dz1[r];
-    }
+  // Given dz2 (K, C) of K consecutive samples, returns dz1 (K, R) = (dz2 W2) * act'(z1) and dp (K, C) = dz1 W1;
+  // z1 from forward_batch(). Each weight row is read once for the K samples.
+  void backward_batch(Act act, int64_t K, const acc_t* z1, const acc_t* dz2, acc_t* dz1, acc_t* dp) const {
+    back_fc2(act, K, z1, dz2, dz1, 0, R);
+    linear_t_cols(K, C, R, dz1, w1, dp, 0, C);
+  }
+  // backward_batch() with the threads splitting each layer's output columns, so that every weight is read
+  // once per call. Call it outside any parallel region.
+  void backward_parallel(Act act, int64_t K, const acc_t* z1, const acc_t* dz2, acc_t* dz1, acc_t* dp) const {
+    parallel_cols<acc_t>(R, C * K, [&](int64_t r0, int64_t r1) { back_fc2(act, K, z1, dz2, dz1, r0, r1); });
+    parallel_cols<acc_t>(C, R * K, [&](int64_t c0, int64_t c1) { linear_t_cols(K, C, R, dz1, w1, dp, c0, c1); });
   }
 
  private:
+  // Columns [r0, r1) of dz1 = (dz2 W2) * act'(z1).
+  void back_fc2(Act act, int64_t K, const acc_t* z1, const acc_t* dz2, acc_t* dz1, int64_t r0, int64_t r1) const {
+    linear_t_cols(K, R, C, dz2, w2, dz1, r0, r1);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t r = r0; r < r1; ++r) dz1[k * R + r] *= act_grad(act, z1[k * R + r]);
+  }
+
   std::vector<acc_t> own_[4], zeros_;
 };
 
 // Weight and bias gradients of a linear layer from per-row (sample) vectors: gw (O, I) = sum_k dz[k] in[k]^T,
 // gb (O) = sum_k dz[k], over K rows; dz (K, O), in (K, I). Written into gw / gb (input dtype), parallel over O.
+// A chunk of 4 vectors of a weight row stays in registers while the K samples are added into it.
 template <typename scalar_t, typename acc_t>
 void linear_weight_grad(int64_t K, int64_t O, int64_t I, const acc_t* dz, const acc_t* in, at::Tensor& gw,
                         at::Tensor& gb) {
+  using Vt = simd::Vec<acc_t>;
+  using V = typename Vt::V;
+  constexpr int N = Vt::N;
   scalar_t* pw = gw.data_ptr<scalar_t>();
   scalar_t* pb = gb.data_ptr<scalar_t>();
-  at::parallel_for(0, O, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, I * K)), [&](int64_t o0, int64_t o1) {
-    std::vector<red_t> row(I);
+  at::parallel_for(0, O, grain_for(I * K), [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
-      std::fill(row.begin(), row.end(), red_t(0));
-      red_t sb = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const red_t d = dz[k * O + o];
-        sb += d;
-        const acc_t* x = in + k * I;
-        for (int64_t i = 0; i < I; ++i) row[i] += d * x[i];
+      scalar_t* w = pw + o * I;
+      int64_t i = 0;
+      for (; i + 4 * N <= I; i += 4 * N) {
+        V a0 = Vt::splat(0), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t k = 0; k < K; ++k) {
+          const V d = Vt::splat(dz[k * O + o]);
+          const acc_t* x = in + k * I + i;
+          a0 += d * Vt::load(x);
+          a1 += d * Vt::load(x + N);
+          a2 += d * Vt::load(x + 2 * N);
+          a3 += d * Vt::load(x + 3 * N);
+        }
+        Vt::store_to(w + i, a0);
+        Vt::store_to(w + i + N, a1);
+        Vt::store_to(w + i + 2 * N, a2);
+        Vt::store_to(w + i + 3 * N, a3);
       }
-      for (int64_t i = 0; i < I; ++i) pw[o * I + i] = static_cast<scalar_t>(row[i]);
+      for (; i + N <= I; i += N) {
+        V a = Vt::splat(0);
+        for (int64_t k = 0; k < K; ++k) a += Vt::splat(dz[k * O + o]) * Vt::load(in + k * I + i);
+        Vt::store_to(w + i, a);
+      }
+      for (; i < I; ++i) {
+        acc_t a = 0;
+        for (int64_t k = 0; k < K; ++k) a += dz[k * O + o] * in[k * I + i];
+        w[i] = static_cast<scalar_t>(a);
+      }
+      acc_t sb = 0;
+      for (int64_t k = 0; k < K; ++k) sb += dz[k * O + o];
       pb[o] = static_cast<scalar_t>(sb);
     }
   });

@@ -239,67 +239,86 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     auto dy_of = [relu](scalar_t go_v, scalar_t out_v) {
       return (!relu || static_cast<acc_t>(out_v) > 0) ? static_cast<acc_t>(go_v) : acc_t(0);
     };
-    attn::per_sample(
-        g.N,
-        // dg[c] = sum_p dy * x  (kept in dz2 until the MLP backward turns it into dz2)
-        attn::range(C, attn::grain_for(g.HW),
-                    [&](int64_t n, int64_t c0, int64_t c1) {
-                      const int64_t b = n * sz;
-                      acc_t* dg = &dz2[n * C];
-                      using red_t = attn::red_t;
-                      if (!g.cl) {
-                        using V = simd::Vec<red_t>;
-                        for (int64_t c = c0; c < c1; ++c) {
-                          const int64_t o = b + c * g.HW;
-                          typename V::V s = V::splat(0);
-                          int64_t i = 0;
-                          for (; i + V::N <= g.HW; i += V::N) {
-                            typename V::V d = V::load_from(pgo + o + i);
-                            if (relu) d = V::load_from(pout + o + i) > 0 ? d : V::splat(0);
-                            s += d * V::load_from(px + o + i);
-                          }
-                          red_t t = V::sum(s);
-                          for (; i < g.HW; ++i)
-                            t += red_t(dy_of(pgo[o + i], pout[o + i])) * static_cast<red_t>(px[o + i]);
-                          dg[c] = static_cast<acc_t>(t);
-                        }
-                      } else {
-                        std::vector<red_t> sums(c1 - c0, red_t(0));
-                        for (int64_t q = 0; q < g.HW; ++q) {
-                          const int64_t o = b + q * C;
-                          for (int64_t c = c0; c < c1; ++c)
-                            sums[c - c0] += red_t(dy_of(pgo[o + c], pout[o + c])) * static_cast<red_t>(px[o + c]);
-                        }
-                        for (int64_t c = c0; c < c1; ++c) dg[c] = static_cast<acc_t>(sums[c - c0]);
-                      }
-                    }),
-        attn::serial([&](int64_t n) {
-          acc_t *z2 = &gt[n * C], *d2 = &dz2[n * C];
-          mlp.forward(act, pp + n * C, &z1[n * R], &h[n * R], z2);
-          for (int64_t c = 0; c < C; ++c) {
-            d2[c] *= attn::act_grad(gate, z2[c]);
-            z2[c] = attn::act_fwd(gate, z2[c]);
+    // dg[c] = sum_p dy * x  (kept in dz2 until the gate's backward turns it into dz2)
+    const auto dgate_pass = attn::range(C, attn::grain_for(g.HW), [&](int64_t n, int64_t c0, int64_t c1) {
+      const int64_t b = n * sz;
+      acc_t* dg = &dz2[n * C];
+      using red_t = attn::red_t;
+      if (!g.cl) {
+        using V = simd::Vec<red_t>;
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t o = b + c * g.HW;
+          typename V::V s = V::splat(0);
+          int64_t i = 0;
+          for (; i + V::N <= g.HW; i += V::N) {
+            typename V::V d = V::load_from(pgo + o + i);
+            if (relu) d = V::load_from(pout + o + i) > 0 ? d : V::splat(0);
+            s += d * V::load_from(px + o + i);
           }
-          mlp.backward(act, &z1[n * R], d2, &dz1[n * R], &dp[n * C]);
-          for (int64_t c = 0; c < C; ++c) dp[n * C + c] *= inv_hw;
-        }),
-        // gx = dy * gate[c] + dp[c] / HW; grad_residual = dy
-        attn::range(C, attn::grain_for(g.HW), [&](int64_t n, int64_t c0, int64_t c1) {
-          const int64_t b = n * sz;
-          const acc_t *gn = &gt[n * C], *dpn = &dp[n * C];
-          auto one = [&](int64_t o, int64_t c) {
-            const acc_t dy = dy_of(pgo[o], pout[o]);
-            pgx[o] = static_cast<scalar_t>(dy * gn[c] + dpn[c]);
-            if (pgr) pgr[o] = static_cast<scalar_t>(dy);
-          };
-          if (!g.cl) {
-            for (int64_t c = c0; c < c1; ++c)
-              for (int64_t i = 0; i < g.HW; ++i) one(b + c * g.HW + i, c);
-          } else {
-            for (int64_t q = 0; q < g.HW; ++q)
-              for (int64_t c = c0; c < c1; ++c) one(b + q * C + c, c);
-          }
-        }));
+          red_t t = V::sum(s);
+          for (; i < g.HW; ++i)
+            t += red_t(dy_of(pgo[o + i], pout[o + i])) * static_cast<red_t>(px[o + i]);
+          dg[c] = static_cast<acc_t>(t);
+        }
+      } else {
+        std::vector<red_t> sums(c1 - c0, red_t(0));
+        for (int64_t q = 0; q < g.HW; ++q) {
+          const int64_t o = b + q * C;
+          for (int64_t c = c0; c < c1; ++c)
+            sums[c - c0] += red_t(dy_of(pgo[o + c], pout[o + c])) * static_cast<red_t>(px[o + c]);
+        }
+        for (int64_t c = c0; c < c1; ++c) dg[c] = static_cast<acc_t>(sums[c - c0]);
+      }
+    });
+    // On entry gt holds z2 = W2 h + b2 and dz2 holds dg, over elements [i0, i1) of (N, C); on exit gt holds
+    // the gate and dz2 = dg * gate'(z2).
+    auto gate_back = [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        dz2[i] *= attn::act_grad(gate, gt[i]);
+        gt[i] = attn::act_fwd(gate, gt[i]);
+      }
+    };
+    // gx = dy * gate[c] + dp[c] / HW; grad_residual = dy
+    const auto gx_pass = attn::range(C, attn::grain_for(g.HW), [&](int64_t n, int64_t c0, int64_t c1) {
+      const int64_t b = n * sz;
+      const acc_t *gn = &gt[n * C], *dpn = &dp[n * C];
+      auto one = [&](int64_t o, int64_t c) {
+        const acc_t dy = dy_of(pgo[o], pout[o]);
+        pgx[o] = static_cast<scalar_t>(dy * gn[c] + dpn[c]);
+        if (pgr) pgr[o] = static_cast<scalar_t>(dy);
+      };
+      if (!g.cl) {
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t i = 0; i < g.HW; ++i) one(b + c * g.HW + i, c);
+      } else {
+        for (int64_t q = 0; q < g.HW; ++q)
+          for (int64_t c = c0; c < c1; ++c) one(b + q * C + c, c);
+      }
+    });
+    // The same two schedules as the forward, for the tensors the first pass reads (dy, x and, under relu,
+    // out), of which the second re-reads dy and out: all samples' first pass, the MLP and its backward for
+    // all samples with the threads splitting the weights, then the second pass; or, for larger tensors,
+    // blocks of samples that run both passes and their MLP while their slices are in cache.
+    const int64_t read_bytes = (relu ? 3 : 2) * static_cast<int64_t>(x.nbytes());
+    if (read_bytes <= 2 * simd::llc_share_bytes()) {
+      attn::per_sample(g.N, dgate_pass);
+      mlp.forward_parallel(act, Act::kNone, g.N, pp, z1.data(), h.data(), gt.data());
+      at::parallel_for(0, g.N * C, attn::grain_for(64), gate_back);
+      mlp.backward_parallel(act, g.N, z1.data(), dz2.data(), dz1.data(), dp.data());
+      for (auto& v : dp) v *= inv_hw;
+      attn::per_sample(g.N, gx_pass);
+    } else {
+      const int64_t B = std::max<int64_t>(1, simd::llc_share_bytes() / 4 / std::max<int64_t>(1, read_bytes / g.N));
+      attn::per_block(g.N, B, dgate_pass,
+                      attn::block([&](int64_t n0, int64_t n1) {
+                        const int64_t K = n1 - n0;
+                        mlp.forward_batch(act, K, pp + n0 * C, &z1[n0 * R], &h[n0 * R], &gt[n0 * C]);
+                        gate_back(n0 * C, n1 * C);
+                        mlp.backward_batch(act, K, &z1[n0 * R], &dz2[n0 * C], &dz1[n0 * R], &dp[n0 * C]);
+                        for (int64_t i = n0 * C; i < n1 * C; ++i) dp[i] *= inv_hw;
+                      }),
+                      gx_pass);
+    }
     attn::linear_weight_grad<scalar_t, acc_t>(g.N, C, R, dz2.data(), h.data(), gw2, gb2);
     attn::linear_weight_grad<scalar_t, acc_t>(g.N, R, C, dz1.data(), pp, gw1, gb1);
   });
