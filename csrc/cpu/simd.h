@@ -51,6 +51,15 @@ struct Vec {
   }
 };
 
+// The low and high halves of a float vector widened to double vectors, in two conversion instructions (an
+// element-wise copy loop compiles to one insert per element).
+inline void widen(Vec<float>::V f, Vec<double>::V& lo, Vec<double>::V& hi) {
+  static_assert(Vec<float>::N == 8 && Vec<double>::N == 4, "halves of 4 lanes");
+  typedef float F4 __attribute__((vector_size(16)));
+  lo = __builtin_convertvector(F4(__builtin_shufflevector(f, f, 0, 1, 2, 3)), Vec<double>::V);
+  hi = __builtin_convertvector(F4(__builtin_shufflevector(f, f, 4, 5, 6, 7)), Vec<double>::V);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // exp on a whole vector. fp32: Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial
 // (about 1 ulp), 2^n built in the exponent bits; inputs below the smallest normal's log give exactly 0 (the

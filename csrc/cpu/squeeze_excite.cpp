@@ -27,62 +27,80 @@ struct SeGeom {
   bool cl;  // channels_last: element (n, c, p) at n*C*HW + p*C + c; else n*C*HW + c*HW + p
 };
 
-// Sum over pixels of channels [c0, c1) of one sample, into acc[c - c0].
-template <typename scalar_t>
-void pool_sum(const SeGeom& g, const scalar_t* xs, int64_t c0, int64_t c1, attn::red_t* acc) {
-  using acc_t = attn::red_t;
-  using V = simd::Vec<acc_t>;
+// Sums over the pixels of channels [c0, c1) of one sample, into acc[c - c0], of a value given per element
+// offset o (n * C * HW excluded): vec(o) = the values at o .. o + N - 1 along the row (a plane in NCHW, a
+// pixel's channels in channels_last) as Vec<T>, one(o) = the value at o. T is float, double for double x.
+template <typename T, typename VecFn, typename OneFn>
+void channel_sums(const SeGeom& g, int64_t c0, int64_t c1, attn::red_t* acc, VecFn vec, OneFn one) {
+  using D = simd::Vec<attn::red_t>;
+  using F = simd::Vec<T>;
+  // A vector of T adds into one or two vectors of doubles.
+  auto add = [](typename D::V& lo, typename D::V& hi, typename F::V f) {
+    if constexpr (F::N == D::N) {
+      lo += f;
+    } else {
+      typename D::V l, h;
+      simd::widen(f, l, h);
+      lo += l;
+      hi += h;
+    }
+  };
+  // Four vectors (NCHW: consecutive ones of a plane; channels_last: the same channels of four pixels) are
+  // added in T before one add into the double sums: widening every vector, or loading and storing the
+  // channels_last sums in L1 for every pixel, would cost more than reading x.
   if (!g.cl) {
     for (int64_t c = c0; c < c1; ++c) {
-      const scalar_t* p = xs + c * g.HW;
-      // Four independent sums: one chain of dependent adds runs at one vector per add latency, below
-      // the bandwidth of a plane that is already in cache.
-      typename V::V s = V::splat(0), s1 = s, s2 = s, s3 = s;
+      const int64_t o = c * g.HW;
+      typename D::V lo = D::splat(0), hi = lo;
       int64_t i = 0;
-      for (; i + 4 * V::N <= g.HW; i += 4 * V::N) {
-        s += V::load_from(p + i);
-        s1 += V::load_from(p + i + V::N);
-        s2 += V::load_from(p + i + 2 * V::N);
-        s3 += V::load_from(p + i + 3 * V::N);
-      }
-      for (; i + V::N <= g.HW; i += V::N) s += V::load_from(p + i);
-      acc_t t = V::sum((s + s1) + (s2 + s3));
-      for (; i < g.HW; ++i) t += static_cast<acc_t>(p[i]);
+      for (; i + 4 * F::N <= g.HW; i += 4 * F::N)
+        add(lo, hi, (vec(o + i) + vec(o + i + F::N)) + (vec(o + i + 2 * F::N) + vec(o + i + 3 * F::N)));
+      for (; i + F::N <= g.HW; i += F::N) add(lo, hi, vec(o + i));
+      attn::red_t t = D::sum(lo + hi);
+      for (; i < g.HW; ++i) t += static_cast<attn::red_t>(one(o + i));
       acc[c - c0] = t;
     }
   } else {
-    // Four pixels of float / half / bf16 are added in float before one add into the double sums: the sums'
-    // loads and stores in L1, one pair per pixel and channel otherwise, would cost more than reading x.
-    using F = simd::Vec<float>;
-    static_assert(F::N == 2 * V::N, "a float vector converts to two double vectors");
     for (int64_t c = c0; c < c1; ++c) acc[c - c0] = 0;
     int64_t q = 0;
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      for (; q + 4 <= g.HW; q += 4) {
-        const scalar_t *p0 = xs + q * g.C, *p1 = p0 + g.C, *p2 = p1 + g.C, *p3 = p2 + g.C;
-        int64_t c = c0;
-        for (; c + F::N <= c1; c += F::N) {
-          const typename F::V f = (F::load_from(p0 + c) + F::load_from(p1 + c)) +
-                                  (F::load_from(p2 + c) + F::load_from(p3 + c));
-          typename V::V lo, hi;
-          for (int i = 0; i < V::N; ++i) lo[i] = f[i], hi[i] = f[V::N + i];
-          V::store(acc + c - c0, V::load(acc + c - c0) + lo);
-          V::store(acc + c - c0 + V::N, V::load(acc + c - c0 + V::N) + hi);
-        }
-        auto f32 = [](scalar_t v) { return static_cast<float>(v); };
-        for (; c < c1; ++c) acc[c - c0] += static_cast<acc_t>((f32(p0[c]) + f32(p1[c])) + (f32(p2[c]) + f32(p3[c])));
+    for (; q + 4 <= g.HW; q += 4) {
+      const int64_t o0 = q * g.C, o1 = o0 + g.C, o2 = o1 + g.C, o3 = o2 + g.C;
+      int64_t c = c0;
+      for (; c + F::N <= c1; c += F::N) {
+        const typename F::V f = (vec(o0 + c) + vec(o1 + c)) + (vec(o2 + c) + vec(o3 + c));
+        attn::red_t* a = acc + c - c0;
+        typename D::V lo = D::load(a), hi = D::splat(0);
+        if constexpr (F::N != D::N) hi = D::load(a + D::N);
+        add(lo, hi, f);
+        D::store(a, lo);
+        if constexpr (F::N != D::N) D::store(a + D::N, hi);
       }
+      for (; c < c1; ++c) acc[c - c0] += static_cast<attn::red_t>((one(o0 + c) + one(o1 + c)) + (one(o2 + c) + one(o3 + c)));
     }
-    for (; q < g.HW; ++q) {
-      const scalar_t* p = xs + q * g.C;
-      for (int64_t c = c0; c < c1; ++c) acc[c - c0] += static_cast<acc_t>(p[c]);
-    }
+    for (; q < g.HW; ++q)
+      for (int64_t c = c0; c < c1; ++c) acc[c - c0] += static_cast<attn::red_t>(one(q * g.C + c));
   }
 }
 
-// out = oact(x * gate[c] + r) over [b, e) of one sample: channels (NCHW) or pixels (channels_last), so
-// that every written run is a whole plane or a whole pixel; r may be null. kStream: the output bypasses
-// the cache (see stream_store.h).
+// Calls run(o, n, at_vec, at_one) for each contiguous row of [b, e) of one sample: whole planes (NCHW, b / e
+// are channels) or whole pixels (channels_last, b / e are pixels), o its offset, n its length. at_vec(v, i) /
+// at_one(v, i) give a per-channel vector v's values for the row's values from i (a splat of v[c] in NCHW).
+template <typename acc_t, typename Run>
+void for_each_row(const SeGeom& g, int64_t b, int64_t e, const Run& run) {
+  using Vec = simd::Vec<acc_t>;
+  if (!g.cl) {
+    for (int64_t c = b; c < e; ++c)
+      run(c * g.HW, g.HW, [c](const acc_t* v, int64_t) { return Vec::splat(v[c]); },
+          [c](const acc_t* v, int64_t) { return v[c]; });
+  } else {
+    for (int64_t q = b; q < e; ++q)
+      run(q * g.C, g.C, [](const acc_t* v, int64_t i) { return Vec::load(v + i); },
+          [](const acc_t* v, int64_t i) { return v[i]; });
+  }
+}
+
+// out = oact(x * gate[c] + r) over [b, e) of one sample (for_each_row's rows); r may be null. kStream: the
+// output bypasses the cache (see stream_store.h).
 template <bool kStream, bool kRelu, typename scalar_t, typename acc_t>
 void scale(const SeGeom& g, const scalar_t* xs, const scalar_t* rs, const acc_t* gate, int64_t b, int64_t e,
            scalar_t* ys) {
@@ -92,33 +110,47 @@ void scale(const SeGeom& g, const scalar_t* xs, const scalar_t* rs, const acc_t*
     if constexpr (kRelu) return decltype(y)(y > 0 ? y : decltype(y){});
     else return y;
   };
-  // One contiguous run of n values starting at offset o; value i is scaled by gate_vec(i) / gate_one(i).
-  auto run = [&](int64_t o, int64_t n, auto gate_vec, auto gate_one) {
+  for_each_row<acc_t>(g, b, e, [&](int64_t o, int64_t n, auto at_vec, auto at_one) {
     const scalar_t* x = xs + o;
     const scalar_t* r = rs ? rs + o : nullptr;
     simd::write_row<kStream, acc_t>(
         ys + o, n,
         [&](int64_t i) {
-          V y = Vec::load_from(x + i) * gate_vec(i);
+          V y = Vec::load_from(x + i) * at_vec(gate, i);
           if (r) y += Vec::load_from(r + i);
           return out_act(y);
         },
         [&](int64_t i) {
-          acc_t y = static_cast<acc_t>(x[i]) * gate_one(i);
+          acc_t y = static_cast<acc_t>(x[i]) * at_one(gate, i);
           if (r) y += static_cast<acc_t>(r[i]);
           return out_act(y);
         });
-  };
-  if (!g.cl) {
-    for (int64_t c = b; c < e; ++c) {
-      const acc_t gc = gate[c];
-      const V gv = Vec::splat(gc);
-      run(c * g.HW, g.HW, [&](int64_t) { return gv; }, [&](int64_t) { return gc; });
-    }
-  } else {
-    for (int64_t q = b; q < e; ++q)
-      run(q * g.C, g.C, [&](int64_t i) { return Vec::load(gate + i); }, [&](int64_t i) { return gate[i]; });
-  }
+  });
+  if (kStream) simd::stream_fence();
+}
+
+// The backward's second pass over [b, e) of one sample (for_each_row's rows): gx = dy * gate[c] + dp[c] and,
+// when gr is set, grad_residual = dy, where dy = go, or go where out > 0 under kRelu.
+template <bool kStream, bool kRelu, typename scalar_t, typename acc_t>
+void grad_x(const SeGeom& g, const scalar_t* gos, const scalar_t* outs, const acc_t* gate, const acc_t* dp,
+            int64_t b, int64_t e, scalar_t* gxs, scalar_t* grs) {
+  using Vec = simd::Vec<acc_t>;
+  for_each_row<acc_t>(g, b, e, [&](int64_t o, int64_t n, auto at_vec, auto at_one) {
+    const scalar_t *go = gos + o, *out = outs + o;
+    auto dy_vec = [&](int64_t i) {
+      const auto d = Vec::load_from(go + i);
+      if constexpr (kRelu) return decltype(d)(Vec::load_from(out + i) > 0 ? d : Vec::splat(0));
+      else return d;
+    };
+    auto dy_one = [&](int64_t i) {
+      const acc_t d = static_cast<acc_t>(go[i]);
+      return (!kRelu || static_cast<acc_t>(out[i]) > 0) ? d : acc_t(0);
+    };
+    simd::write_row<kStream, acc_t>(
+        gxs + o, n, [&](int64_t i) { return dy_vec(i) * at_vec(gate, i) + at_vec(dp, i); },
+        [&](int64_t i) { return dy_one(i) * at_one(gate, i) + at_one(dp, i); });
+    if (grs) simd::write_row<kStream, acc_t>(grs + o, n, dy_vec, dy_one);
+  });
   if (kStream) simd::stream_fence();
 }
 
@@ -155,7 +187,10 @@ std::tuple<at::Tensor, at::Tensor> squeeze_excite_cpu(const at::Tensor& x_in, co
     std::vector<acc_t> z1(g.N * R), h(g.N * R), gt(g.N * C);
     const auto pool = attn::range(C, attn::grain_for(g.HW), [&](int64_t n, int64_t c0, int64_t c1) {
       std::vector<attn::red_t> sums(c1 - c0);
-      pool_sum(g, px + n * sz, c0, c1, sums.data());
+      const scalar_t* xs = px + n * sz;
+      channel_sums<acc_t>(
+          g, c0, c1, sums.data(), [xs](int64_t o) { return simd::Vec<acc_t>::load_from(xs + o); },
+          [xs](int64_t o) { return static_cast<acc_t>(xs[o]); });
       for (int64_t c = c0; c < c1; ++c) pp[n * C + c] = static_cast<acc_t>(sums[c - c0] / g.HW);
     });
     auto scale_pass = [&](auto stream, auto relu) {
@@ -232,44 +267,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     scalar_t* pgx = gx.data_ptr<scalar_t>();
     scalar_t* pgr = has_residual ? gres.data_ptr<scalar_t>() : nullptr;
     const acc_t* pp = pooled.data_ptr<acc_t>();
-    const bool relu = out_act == Act::kRelu;
     // Per sample: z1, h (R); gate value, dz2 (C); dz1 (R); dp (C).
     std::vector<acc_t> z1(g.N * R), h(g.N * R), gt(g.N * C), dz2(g.N * C), dz1(g.N * R), dp(g.N * C);
     const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(g.HW);
-    auto dy_of = [relu](scalar_t go_v, scalar_t out_v) {
-      return (!relu || static_cast<acc_t>(out_v) > 0) ? static_cast<acc_t>(go_v) : acc_t(0);
-    };
-    // dg[c] = sum_p dy * x  (kept in dz2 until the gate's backward turns it into dz2)
-    const auto dgate_pass = attn::range(C, attn::grain_for(g.HW), [&](int64_t n, int64_t c0, int64_t c1) {
-      const int64_t b = n * sz;
-      acc_t* dg = &dz2[n * C];
-      using red_t = attn::red_t;
-      if (!g.cl) {
-        using V = simd::Vec<red_t>;
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t o = b + c * g.HW;
-          typename V::V s = V::splat(0);
-          int64_t i = 0;
-          for (; i + V::N <= g.HW; i += V::N) {
-            typename V::V d = V::load_from(pgo + o + i);
-            if (relu) d = V::load_from(pout + o + i) > 0 ? d : V::splat(0);
-            s += d * V::load_from(px + o + i);
-          }
-          red_t t = V::sum(s);
-          for (; i < g.HW; ++i)
-            t += red_t(dy_of(pgo[o + i], pout[o + i])) * static_cast<red_t>(px[o + i]);
-          dg[c] = static_cast<acc_t>(t);
-        }
-      } else {
-        std::vector<red_t> sums(c1 - c0, red_t(0));
-        for (int64_t q = 0; q < g.HW; ++q) {
-          const int64_t o = b + q * C;
-          for (int64_t c = c0; c < c1; ++c)
-            sums[c - c0] += red_t(dy_of(pgo[o + c], pout[o + c])) * static_cast<red_t>(px[o + c]);
-        }
-        for (int64_t c = c0; c < c1; ++c) dg[c] = static_cast<acc_t>(sums[c - c0]);
-      }
-    });
     // On entry gt holds z2 = W2 h + b2 and dz2 holds dg, over elements [i0, i1) of (N, C); on exit gt holds
     // the gate and dz2 = dg * gate'(z2).
     auto gate_back = [&](int64_t i0, int64_t i1) {
@@ -278,47 +278,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         gt[i] = attn::act_fwd(gate, gt[i]);
       }
     };
-    // gx = dy * gate[c] + dp[c] / HW; grad_residual = dy
-    const auto gx_pass = attn::range(C, attn::grain_for(g.HW), [&](int64_t n, int64_t c0, int64_t c1) {
-      const int64_t b = n * sz;
-      const acc_t *gn = &gt[n * C], *dpn = &dp[n * C];
-      auto one = [&](int64_t o, int64_t c) {
-        const acc_t dy = dy_of(pgo[o], pout[o]);
-        pgx[o] = static_cast<scalar_t>(dy * gn[c] + dpn[c]);
-        if (pgr) pgr[o] = static_cast<scalar_t>(dy);
-      };
-      if (!g.cl) {
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t i = 0; i < g.HW; ++i) one(b + c * g.HW + i, c);
+    auto run = [&](auto stream, auto relu_t) {
+      constexpr bool kRelu = decltype(relu_t)::value;
+      using Vec = simd::Vec<acc_t>;
+      // dg[c] = sum_p dy * x  (kept in dz2 until gate_back turns it into dz2)
+      const auto dgate_pass = attn::range(C, attn::grain_for(g.HW), [&](int64_t n, int64_t c0, int64_t c1) {
+        const scalar_t *xs = px + n * sz, *gos = pgo + n * sz, *outs = pout + n * sz;
+        std::vector<attn::red_t> sums(c1 - c0);
+        channel_sums<acc_t>(
+            g, c0, c1, sums.data(),
+            [&](int64_t o) {
+              auto d = Vec::load_from(gos + o);
+              if constexpr (kRelu) d = Vec::load_from(outs + o) > 0 ? d : Vec::splat(0);
+              return d * Vec::load_from(xs + o);
+            },
+            [&](int64_t o) {
+              const acc_t d = (!kRelu || static_cast<acc_t>(outs[o]) > 0) ? static_cast<acc_t>(gos[o]) : acc_t(0);
+              return d * static_cast<acc_t>(xs[o]);
+            });
+        for (int64_t c = c0; c < c1; ++c) dz2[n * C + c] = static_cast<acc_t>(sums[c - c0]);
+      });
+      // gx = dy * gate[c] + dp[c] / HW (dp already divided); grad_residual = dy
+      const auto gx_pass = attn::range(g.cl ? g.HW : C, attn::grain_for(g.cl ? C : g.HW),
+                                       [&](int64_t n, int64_t b, int64_t e) {
+                                         grad_x<decltype(stream)::value, kRelu>(
+                                             g, pgo + n * sz, pout + n * sz, &gt[n * C], &dp[n * C], b, e,
+                                             pgx + n * sz, pgr ? pgr + n * sz : nullptr);
+                                       });
+      // The same two schedules as the forward, for the tensors the first pass reads (dy, x and, under relu,
+      // out), of which the second re-reads dy and out: all samples' first pass, the MLP and its backward for
+      // all samples with the threads splitting the weights, then the second pass; or, for larger tensors,
+      // blocks of samples that run both passes and their MLP while their slices are in cache.
+      const int64_t read_bytes = (kRelu ? 3 : 2) * static_cast<int64_t>(x.nbytes());
+      if (read_bytes <= 2 * simd::llc_share_bytes()) {
+        attn::per_sample(g.N, dgate_pass);
+        mlp.forward_parallel(act, Act::kNone, g.N, pp, z1.data(), h.data(), gt.data());
+        at::parallel_for(0, g.N * C, attn::grain_for(64), gate_back);
+        mlp.backward_parallel(act, g.N, z1.data(), dz2.data(), dz1.data(), dp.data());
+        for (auto& v : dp) v *= inv_hw;
+        attn::per_sample(g.N, gx_pass);
       } else {
-        for (int64_t q = 0; q < g.HW; ++q)
-          for (int64_t c = c0; c < c1; ++c) one(b + q * C + c, c);
+        const int64_t B =
+            std::max<int64_t>(1, simd::llc_share_bytes() / 4 / std::max<int64_t>(1, read_bytes / g.N));
+        attn::per_block(g.N, B, dgate_pass,
+                        attn::block([&](int64_t n0, int64_t n1) {
+                          const int64_t K = n1 - n0;
+                          mlp.forward_batch(act, K, pp + n0 * C, &z1[n0 * R], &h[n0 * R], &gt[n0 * C]);
+                          gate_back(n0 * C, n1 * C);
+                          mlp.backward_batch(act, K, &z1[n0 * R], &dz2[n0 * C], &dz1[n0 * R], &dp[n0 * C]);
+                          for (int64_t i = n0 * C; i < n1 * C; ++i) dp[i] *= inv_hw;
+                        }),
+                        gx_pass);
       }
-    });
-    // The same two schedules as the forward, for the tensors the first pass reads (dy, x and, under relu,
-    // out), of which the second re-reads dy and out: all samples' first pass, the MLP and its backward for
-    // all samples with the threads splitting the weights, then the second pass; or, for larger tensors,
-    // blocks of samples that run both passes and their MLP while their slices are in cache.
-    const int64_t read_bytes = (relu ? 3 : 2) * static_cast<int64_t>(x.nbytes());
-    if (read_bytes <= 2 * simd::llc_share_bytes()) {
-      attn::per_sample(g.N, dgate_pass);
-      mlp.forward_parallel(act, Act::kNone, g.N, pp, z1.data(), h.data(), gt.data());
-      at::parallel_for(0, g.N * C, attn::grain_for(64), gate_back);
-      mlp.backward_parallel(act, g.N, z1.data(), dz2.data(), dz1.data(), dp.data());
-      for (auto& v : dp) v *= inv_hw;
-      attn::per_sample(g.N, gx_pass);
-    } else {
-      const int64_t B = std::max<int64_t>(1, simd::llc_share_bytes() / 4 / std::max<int64_t>(1, read_bytes / g.N));
-      attn::per_block(g.N, B, dgate_pass,
-                      attn::block([&](int64_t n0, int64_t n1) {
-                        const int64_t K = n1 - n0;
-                        mlp.forward_batch(act, K, pp + n0 * C, &z1[n0 * R], &h[n0 * R], &gt[n0 * C]);
-                        gate_back(n0 * C, n1 * C);
-                        mlp.backward_batch(act, K, &z1[n0 * R], &dz2[n0 * C], &dz1[n0 * R], &dp[n0 * C]);
-                        for (int64_t i = n0 * C; i < n1 * C; ++i) dp[i] *= inv_hw;
-                      }),
-                      gx_pass);
-    }
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    // grad_x and grad_residual are written around the cache when they are too large to stay there.
+    const bool stream = simd::should_stream(gx.nbytes()), relu = out_act == Act::kRelu;
+    if (stream && relu) run(T{}, T{});
+    else if (stream) run(T{}, F{});
+    else if (relu) run(F{}, T{});
+    else run(F{}, F{});
     attn::linear_weight_grad<scalar_t, acc_t>(g.N, C, R, dz2.data(), h.data(), gw2, gb2);
     attn::linear_weight_grad<scalar_t, acc_t>(g.N, R, C, dz1.data(), pp, gw1, gb1);
   });
