@@ -217,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> squeeze_excite_cpu(const at::Tensor& x_in, co
         attn::per_block(g.N, B, pool,
                         attn::block([&](int64_t n0, int64_t n1) {
                           mlp.forward_batch(act, n1 - n0, pp + n0 * C, &z1[n0 * R], &h[n0 * R], &gt[n0 * C]);
-                          for (int64_t i = n0 * C; i < n1 * C; ++i) gt[i] = attn::act_fwd(gate, gt[i]);
+                          attn::act_inplace<acc_t>(gate, &gt[n0 * C], nullptr, (n1 - n0) * C);
                         }),
                         scale_pass(stream, relu));
       }
@@ -272,12 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(g.HW);
     // On entry gt holds z2 = W2 h + b2 and dz2 holds dg, over elements [i0, i1) of (N, C); on exit gt holds
     // the gate and dz2 = dg * gate'(z2).
-    auto gate_back = [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        dz2[i] *= attn::act_grad(gate, gt[i]);
-        gt[i] = attn::act_fwd(gate, gt[i]);
-      }
-    };
+    auto gate_back = [&](int64_t i0, int64_t i1) { attn::act_inplace<acc_t>(gate, &gt[i0], &dz2[i0], i1 - i0); };
     auto run = [&](auto stream, auto relu_t) {
       constexpr bool kRelu = decltype(relu_t)::value;
       using Vec = simd::Vec<acc_t>;
