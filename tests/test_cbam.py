@@ -149,6 +149,19 @@ def test_cpu_random_shapes(n, c, h, w, r, k, cfg, cl):
     _check_all("cpu", (n, c, h, w, r, k), torch.float32, "channels_last" if cl else "contiguous", cfg, "cpu")
 
 
+@pytest.mark.parametrize("share", ["0", str(1 << 40)], ids=["per-sample", "whole"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_schedules(monkeypatch, share, layout):
+    """The CPU kernels follow the cache share FASTOPS_LLC_SHARE_BYTES: with x (and, backward, grad_out) within
+    twice the share, every sample is pooled before the channel MLP of all samples runs at once with the
+    threads splitting its weights; otherwise each sample's passes and MLP run together. Both equal the
+    reference, in eval and training, for one sample, fewer samples than threads, and more."""
+    monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", share)
+    for shape in [(1, 33, 10, 9, 4, 7), (3, 40, 6, 5, 8, 3)]:
+        for cfg in (CONFIGS[0], CONFIGS[1]):
+            _check_all("cpu", shape, torch.float32, layout, cfg, "cpu")
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_cpu_thread_counts(threads):
     """Whole-sample and split-sample scheduling give the same result for any thread count."""

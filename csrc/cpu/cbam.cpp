@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "cpu/channel_attn.h"
+#include "cpu/stream_store.h"
 
 namespace fastops {
 namespace {
@@ -139,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
     const scalar_t* px = x.data_ptr<scalar_t>();
     scalar_t* py = out.data_ptr<scalar_t>();
     acc_t *pp = pooled.data_ptr<acc_t>(), *ps = spatial.data_ptr<acc_t>();
-    std::vector<acc_t> ca(g.N * C), u(g.N * HW), tmp(g.N * (4 * R + 2 * C));
+    std::vector<acc_t> ca(g.N * C), u(g.N * HW), tmp(g.N * (4 * R + 2 * C));  // z1, h, z2 of all samples
     acc_t mean = 0, rstd = 0;
 
     // 1. avg and max over pixels, channels [c0, c1)
@@ -183,13 +184,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
         for (int64_t c = c0; c < c1; ++c) avg[c] = static_cast<acc_t>(sums[c - c0] / HW);
       }
     });
-    // 2. the channel gate
-    auto channel_mlp = attn::serial([&](int64_t n) {
-      // the avg and max branches as a batch of two (z1, h (2, R), z2 (2, C)): the weights are read once
-      acc_t* t = &tmp[n * (4 * R + 2 * C)];
-      mlp.forward_batch(act, 2, pp + n * 2 * C, t, t + 2 * R, t + 4 * R);
-      for (int64_t c = 0; c < C; ++c) ca[n * C + c] = attn::act_fwd(gate, t[4 * R + c] + t[4 * R + C + c]);
-    });
+    // 2. the channel gate: the avg and max branches of samples [n0, n1) as one batch (z1, h (2 (n1 - n0), R),
+    //    z2 (2 (n1 - n0), C)), the weights read once for all of them
+    auto gates_of = [&](int64_t n0, int64_t n1, bool split) {
+      acc_t *z1 = &tmp[n0 * 2 * R], *h = &tmp[g.N * 2 * R + n0 * 2 * R], *z2 = &tmp[g.N * 4 * R + n0 * 2 * C];
+      if (split) mlp.forward_parallel(act, Act::kNone, 2 * (n1 - n0), pp + n0 * 2 * C, z1, h, z2);
+      else mlp.forward_batch(act, 2 * (n1 - n0), pp + n0 * 2 * C, z1, h, z2);
+      for (int64_t n = n0; n < n1; ++n) {
+        const acc_t* zn = z2 + (n - n0) * 2 * C;
+        for (int64_t c = 0; c < C; ++c) ca[n * C + c] = zn[c] + zn[C + c];
+      }
+      attn::act_inplace<acc_t>(gate, &ca[n0 * C], nullptr, (n1 - n0) * C);
+    };
+    auto channel_mlp = attn::serial([&](int64_t n) { gates_of(n, n + 1, false); });
     // 3. mean and max over channels of x * ca, pixels [q0, q1)
     auto channel_pool = attn::range(HW, attn::grain_for(C), [&](int64_t n, int64_t q0, int64_t q1) {
       const scalar_t* xs = px + n * sz;
@@ -265,9 +272,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
       }
     });
 
+    // Up to twice the cache share, x stays in cache between the passes: every sample is pooled first, then the
+    // channel MLP of all samples runs with the threads splitting its weights (each weight read once, not once
+    // per sample), then the rest. A larger x goes sample by sample, each sample's passes close together.
+    const bool whole = static_cast<int64_t>(x.nbytes()) <= 2 * simd::llc_share_bytes();
+    if (whole) {
+      attn::per_sample(g.N, pool);
+      gates_of(0, g.N, true);
+    }
+    auto front = [&](auto... rest) {
+      if (whole) attn::per_sample(g.N, channel_pool, conv, rest...);
+      else attn::per_sample(g.N, pool, channel_mlp, channel_pool, conv, rest...);
+    };
     acc_t* pst = stats.data_ptr<acc_t>();
     if (training) {
-      attn::per_sample(g.N, pool, channel_mlp, channel_pool, conv);
+      front();
       double s = 0, s2 = 0;
       for (const acc_t v : u) s += v;
       const double m = s / static_cast<double>(u.size());
@@ -283,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
     if (training)
       attn::per_sample(g.N, to_sa, scale);
     else
-      attn::per_sample(g.N, pool, channel_mlp, channel_pool, conv, to_sa, scale);
+      front(to_sa, scale);
   });
   return {out, pooled, spatial, stats};
 }
@@ -340,15 +359,13 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
     std::vector<red_t> vhat(g.N * HW), dv(g.N * HW), du(g.N * HW), ds(g.N * 2 * HW), gcw_n(g.N * 2 * K2, red_t(0));
     red_t mdv = 0, mdvv = 0;
 
-    auto gates = attn::serial([&](int64_t n) {
-      const acc_t* p = pp + n * 2 * C;
-      acc_t *za = &z2[n * 2 * C], *zm = za + C;
-      mlp.forward_batch(act, 2, p, &z1[n * 2 * R], &h[n * 2 * R], za);
-      for (int64_t c = 0; c < C; ++c) {
-        ca[n * C + c] = attn::act_fwd(gate, za[c] + zm[c]);
-        dgate[n * C + c] = attn::act_grad(gate, za[c] + zm[c]);
-      }
-    });
+    // The channel gates of all samples from the pooled maps (no pass over x): the avg and max branches of
+    // every sample as one batch, the threads splitting the weights.
+    mlp.forward_parallel(act, Act::kNone, 2 * g.N, pp, z1.data(), h.data(), z2.data());
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t c = 0; c < C; ++c) ca[n * C + c] = z2[n * 2 * C + c] + z2[n * 2 * C + C + c];
+    std::fill(dgate.begin(), dgate.end(), acc_t(1));
+    attn::act_inplace<acc_t>(gate, ca.data(), dgate.data(), g.N * C);
     // dsa[q] = sum_c go * x * ca, the tie count of the channel max, and dv = dsa * gate'(v)
     auto pixel_pass = attn::range(HW, attn::grain_for(C), [&](int64_t n, int64_t q0, int64_t q1) {
       const scalar_t *xs = px + n * sz, *gs = pgo + n * sz;
@@ -424,11 +441,17 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
       }
       for (int64_t c = c0; c < c1; ++c) dca[n * C + c] = static_cast<acc_t>(acc[c - c0]);
     });
-    auto mlp_back = attn::serial([&](int64_t n) {
-      acc_t* d2 = &dz2[n * 2 * C];
-      for (int64_t c = 0; c < C; ++c) d2[c] = d2[C + c] = dca[n * C + c] * dgate[n * C + c];
-      mlp.backward_batch(act, 2, &z1[n * 2 * R], d2, &dz1[n * 2 * R], &dp[n * 2 * C]);
-    });
+    // The MLP backward of samples [n0, n1), both branches: dz2 = dca * gate' for each.
+    auto mlp_back_of = [&](int64_t n0, int64_t n1, bool split) {
+      for (int64_t n = n0; n < n1; ++n) {
+        acc_t* d2 = &dz2[n * 2 * C];
+        for (int64_t c = 0; c < C; ++c) d2[c] = d2[C + c] = dca[n * C + c] * dgate[n * C + c];
+      }
+      const int64_t K = 2 * (n1 - n0);
+      if (split) mlp.backward_parallel(act, K, &z1[n0 * 2 * R], &dz2[n0 * 2 * C], &dz1[n0 * 2 * R], &dp[n0 * 2 * C]);
+      else mlp.backward_batch(act, K, &z1[n0 * 2 * R], &dz2[n0 * 2 * C], &dz1[n0 * 2 * R], &dp[n0 * 2 * C]);
+    };
+    auto mlp_back = attn::serial([&](int64_t n) { mlp_back_of(n, n + 1, false); });
     // gx += dpavg / HW + dpmax * [x == max_hw] / ties, channels [c0, c1)
     auto pool_back = attn::range(C, attn::grain_for(HW), [&](int64_t n, int64_t c0, int64_t c1) {
       const scalar_t* xs = px + n * sz;
@@ -469,7 +492,7 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
       }
     });
 
-    attn::per_sample(g.N, gates, pixel_pass);
+    attn::per_sample(g.N, pixel_pass);
     double sdv = 0, sdvv = 0;
     for (int64_t i = 0; i < g.N * HW; ++i) {
       sdv += dv[i];
@@ -477,7 +500,16 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
     }
     mdv = sdv / static_cast<double>(g.N * HW);
     mdvv = sdvv / static_cast<double>(g.N * HW);
-    attn::per_sample(g.N, bn_back, conv_back, conv_wgrad, channel_pass, mlp_back, pool_back);
+    // Up to twice the cache share (x and grad_out together), x stays in cache between channel_pass and
+    // pool_back: the MLP backward of all samples runs between them with the threads splitting the weights.
+    // Larger tensors go sample by sample.
+    if (2 * static_cast<int64_t>(x.nbytes()) <= 2 * simd::llc_share_bytes()) {
+      attn::per_sample(g.N, bn_back, conv_back, conv_wgrad, channel_pass);
+      mlp_back_of(0, g.N, true);
+      attn::per_sample(g.N, pool_back);
+    } else {
+      attn::per_sample(g.N, bn_back, conv_back, conv_wgrad, channel_pass, mlp_back, pool_back);
+    }
 
     gbb.fill_(sdv);
     gbw.fill_(sdvv);
