@@ -379,12 +379,30 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
         s += red_t(static_cast<acc_t>(gs[o])) * v;
         k += v == smax[q] ? acc_t(1) : acc_t(0);
       };
-      // The sums run over c in the same order either way; the loops nest so that the inner one is contiguous.
+      // The loops nest so that the inner one is contiguous. channels_last sums a pixel's channels in fp32
+      // lanes over blocks of kBlock channels, the blocks in double (as the forward's channel_pool does): one
+      // double add chain through every channel would run at one add latency per value.
       if (g.cl) {
+        using V = simd::Vec<acc_t>;
+        constexpr int64_t kBlock = 16 * V::N;
         for (int64_t q = q0; q < q1; ++q) {
+          const scalar_t *xq = xs + q * C, *gq = gs + q * C;
+          const typename V::V mq = V::splat(smax[q]);
+          typename V::V kv = V::splat(0);
           red_t s = 0;
           acc_t k = 0;
-          for (int64_t c = 0; c < C; ++c) add(c, q, q * C + c, s, k);
+          int64_t c = 0;
+          while (c + V::N <= C) {
+            typename V::V sv = V::splat(0);
+            for (const int64_t end = std::min(C, c + kBlock); c + V::N <= end; c += V::N) {
+              const typename V::V v = V::load_from(xq + c) * V::load(can + c);
+              sv += V::load_from(gq + c) * v;
+              kv += v == mq ? V::splat(1) : V::splat(0);
+            }
+            s += V::sum(sv);
+          }
+          k = V::sum(kv);
+          for (; c < C; ++c) add(c, q, q * C + c, s, k);
           dsa[q - q0] = s;
           cnt[q - q0] = k;
         }
@@ -422,24 +440,61 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
       scalar_t* gxs = pgx + n * sz;
       const acc_t *can = &ca[n * C], *san = &sa[n * HW], *cmean = &coef_mean[n * HW], *cmax = &coef_max[n * HW];
       const acc_t* smax = ps + n * 2 * HW + HW;
-      std::vector<attn::red_t> acc(c1 - c0, attn::red_t(0));
-      // element o = (c, q); offsets spelled out per layout (and a select, not a branch) so that the
-      // channels_last inner loop vectorises
+      using V = simd::Vec<acc_t>;
+      using D = simd::Vec<red_t>;
+      // Element o = (c, q): writes gx and returns its term of dca[c]. Whole vectors run the same arithmetic
+      // below: along q (NCHW, dca[c] summed in double lanes) or along c (channels_last, one double sum per
+      // channel); the fp32 product d * x is widened before it is added.
       auto one = [&](int64_t c, int64_t q, int64_t o) {
         const acc_t xv = static_cast<acc_t>(xs[o]), v = xv * can[c];
         const acc_t d0 = static_cast<acc_t>(gs[o]) * san[q] + cmean[q];
         const acc_t d = d0 + (v == smax[q] ? cmax[q] : acc_t(0));
-        acc[c - c0] += attn::red_t(d) * xv;
         gxs[o] = static_cast<scalar_t>(d * can[c]);
+        return static_cast<red_t>(d * xv);
       };
+      const typename V::V zero = V::splat(0);
       if (!g.cl) {
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t q = 0; q < HW; ++q) one(c, q, c * HW + q);
+        for (int64_t c = c0; c < c1; ++c) {
+          const scalar_t *xc = xs + c * HW, *gc = gs + c * HW;
+          scalar_t* gxc = gxs + c * HW;
+          const typename V::V kc = V::splat(can[c]);
+          typename D::V lo = D::splat(0), hi = lo;
+          int64_t q = 0;
+          for (; q + V::N <= HW; q += V::N) {
+            const typename V::V xv = V::load_from(xc + q), v = xv * kc;
+            typename V::V d = V::load_from(gc + q) * V::load(san + q) + V::load(cmean + q);
+            d += v == V::load(smax + q) ? V::load(cmax + q) : zero;
+            simd::add_widened<acc_t>(lo, hi, d * xv);
+            V::store_to(gxc + q, d * kc);
+          }
+          red_t t = D::sum(lo + hi);
+          for (; q < HW; ++q) t += one(c, q, c * HW + q);
+          dca[n * C + c] = static_cast<acc_t>(t);
+        }
       } else {
-        for (int64_t q = 0; q < HW; ++q)
-          for (int64_t c = c0; c < c1; ++c) one(c, q, q * C + c);
+        std::vector<red_t> acc(c1 - c0, red_t(0));
+        for (int64_t q = 0; q < HW; ++q) {
+          const scalar_t *xq = xs + q * C, *gq = gs + q * C;
+          scalar_t* gxq = gxs + q * C;
+          const typename V::V sq = V::splat(san[q]), cm = V::splat(cmean[q]), mq = V::splat(smax[q]),
+                              cx = V::splat(cmax[q]);
+          int64_t c = c0;
+          for (; c + V::N <= c1; c += V::N) {
+            const typename V::V kc = V::load(can + c), xv = V::load_from(xq + c), v = xv * kc;
+            typename V::V d = V::load_from(gq + c) * sq + cm;
+            d += v == mq ? cx : zero;
+            red_t* a = &acc[c - c0];
+            typename D::V lo = D::load(a), hi = D::splat(0);
+            if constexpr (V::N != D::N) hi = D::load(a + D::N);
+            simd::add_widened<acc_t>(lo, hi, d * xv);
+            D::store(a, lo);
+            if constexpr (V::N != D::N) D::store(a + D::N, hi);
+            V::store_to(gxq + c, d * kc);
+          }
+          for (; c < c1; ++c) acc[c - c0] += one(c, q, q * C + c);
+        }
+        for (int64_t c = c0; c < c1; ++c) dca[n * C + c] = static_cast<acc_t>(acc[c - c0]);
       }
-      for (int64_t c = c0; c < c1; ++c) dca[n * C + c] = static_cast<acc_t>(acc[c - c0]);
     });
     // The MLP backward of samples [n0, n1), both branches: dz2 = dca * gate' for each.
     auto mlp_back_of = [&](int64_t n0, int64_t n1, bool split) {

@@ -60,6 +60,20 @@ inline void widen(Vec<float>::V f, Vec<double>::V& lo, Vec<double>::V& hi) {
   hi = __builtin_convertvector(F4(__builtin_shufflevector(f, f, 4, 5, 6, 7)), Vec<double>::V);
 }
 
+// lo (+ hi) += v in double: a float vector's halves widen into lo and hi, a double vector adds into lo (the
+// double sums of fp32 terms that the channel-attention kernels keep).
+template <typename T>
+inline void add_widened(Vec<double>::V& lo, Vec<double>::V& hi, typename Vec<T>::V v) {
+  if constexpr (std::is_same_v<T, double>) {
+    lo += v;
+  } else {
+    Vec<double>::V l, h;
+    widen(v, l, h);
+    lo += l;
+    hi += h;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // exp on a whole vector. fp32: Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial
 // (about 1 ulp), 2^n built in the exponent bits; inputs below the smallest normal's log give exactly 0 (the

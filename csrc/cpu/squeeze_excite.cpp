@@ -34,17 +34,7 @@ template <typename T, typename VecFn, typename OneFn>
 void channel_sums(const SeGeom& g, int64_t c0, int64_t c1, attn::red_t* acc, VecFn vec, OneFn one) {
   using D = simd::Vec<attn::red_t>;
   using F = simd::Vec<T>;
-  // A vector of T adds into one or two vectors of doubles.
-  auto add = [](typename D::V& lo, typename D::V& hi, typename F::V f) {
-    if constexpr (F::N == D::N) {
-      lo += f;
-    } else {
-      typename D::V l, h;
-      simd::widen(f, l, h);
-      lo += l;
-      hi += h;
-    }
-  };
+  const auto add = simd::add_widened<T>;
   // Four vectors (NCHW: consecutive ones of a plane; channels_last: the same channels of four pixels) are
   // added in T before one add into the double sums: widening every vector, or loading and storing the
   // channels_last sums in L1 for every pixel, would cost more than reading x.
