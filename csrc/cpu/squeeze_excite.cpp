@@ -72,6 +72,17 @@ void channel_sums(const SeGeom& g, int64_t c0, int64_t c1, attn::red_t* acc, Vec
   }
 }
 
+// fn(stream, relu) with both flags as std::bool_constant, so that the passes compile once per combination.
+template <typename Fn>
+void with_flags(bool stream, bool relu, const Fn& fn) {
+  using T = std::true_type;
+  using F = std::false_type;
+  if (stream && relu) fn(T{}, T{});
+  else if (stream) fn(T{}, F{});
+  else if (relu) fn(F{}, T{});
+  else fn(F{}, F{});
+}
+
 // Calls run(o, n, at_vec, at_one) for each contiguous row of [b, e) of one sample: whole planes (NCHW, b / e
 // are channels) or whole pixels (channels_last, b / e are pixels), o its offset, n its length. at_vec(v, i) /
 // at_one(v, i) give a per-channel vector v's values for the row's values from i (a splat of v[c] in NCHW).
@@ -212,13 +223,7 @@ std::tuple<at::Tensor, at::Tensor> squeeze_excite_cpu(const at::Tensor& x_in, co
                         scale_pass(stream, relu));
       }
     };
-    using T = std::true_type;
-    using F = std::false_type;
-    const bool stream = simd::should_stream(out.nbytes()), relu = out_act == Act::kRelu;
-    if (stream && relu) run(T{}, T{});
-    else if (stream) run(T{}, F{});
-    else if (relu) run(F{}, T{});
-    else run(F{}, F{});
+    with_flags(simd::should_stream(out.nbytes()), out_act == Act::kRelu, run);
   });
   return {out, pooled};
 }
@@ -316,14 +321,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                         gx_pass);
       }
     };
-    using T = std::true_type;
-    using F = std::false_type;
     // grad_x and grad_residual are written around the cache when they are too large to stay there.
-    const bool stream = simd::should_stream(gx.nbytes()), relu = out_act == Act::kRelu;
-    if (stream && relu) run(T{}, T{});
-    else if (stream) run(T{}, F{});
-    else if (relu) run(F{}, T{});
-    else run(F{}, F{});
+    with_flags(simd::should_stream(gx.nbytes()), out_act == Act::kRelu, run);
     attn::linear_weight_grad<scalar_t, acc_t>(g.N, C, R, dz2.data(), h.data(), gw2, gb2);
     attn::linear_weight_grad<scalar_t, acc_t>(g.N, R, C, dz1.data(), pp, gw1, gb1);
   });
