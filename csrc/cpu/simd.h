@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace fastops {
@@ -51,13 +52,17 @@ struct Vec {
   }
 };
 
-// The low and high halves of a float vector widened to double vectors, in two conversion instructions (an
-// element-wise copy loop compiles to one insert per element).
+// The low and high halves of a float vector widened to double vectors by vector conversions (an element-wise
+// copy loop compiles to one insert per element). The halves are taken with memcpy, which compiles to an
+// extract, where __builtin_shufflevector would need GCC 12.
 inline void widen(Vec<float>::V f, Vec<double>::V& lo, Vec<double>::V& hi) {
   static_assert(Vec<float>::N == 8 && Vec<double>::N == 4, "halves of 4 lanes");
   typedef float F4 __attribute__((vector_size(16)));
-  lo = __builtin_convertvector(F4(__builtin_shufflevector(f, f, 0, 1, 2, 3)), Vec<double>::V);
-  hi = __builtin_convertvector(F4(__builtin_shufflevector(f, f, 4, 5, 6, 7)), Vec<double>::V);
+  F4 l, h;
+  std::memcpy(&l, &f, sizeof l);
+  std::memcpy(&h, reinterpret_cast<const char*>(&f) + sizeof l, sizeof h);
+  lo = __builtin_convertvector(l, Vec<double>::V);
+  hi = __builtin_convertvector(h, Vec<double>::V);
 }
 
 // lo (+ hi) += v in double: a float vector's halves widen into lo and hi, a double vector adds into lo (the
