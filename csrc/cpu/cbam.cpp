@@ -140,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
     const scalar_t* px = x.data_ptr<scalar_t>();
     scalar_t* py = out.data_ptr<scalar_t>();
     acc_t *pp = pooled.data_ptr<acc_t>(), *ps = spatial.data_ptr<acc_t>();
-    std::vector<acc_t> ca(g.N * C), u(g.N * HW), tmp(g.N * (4 * R + 2 * C));  // z1, h, z2 of all samples
+    // z1, h (2N, R), hs (N, R), s (N, C) of Mlp::forward_pairs for all samples
+    std::vector<acc_t> ca(g.N * C), u(g.N * HW), tmp(g.N * (5 * R + C));
     acc_t mean = 0, rstd = 0;
 
     // 1. avg and max over pixels, channels [c0, c1)
@@ -184,16 +185,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
         for (int64_t c = c0; c < c1; ++c) avg[c] = static_cast<acc_t>(sums[c - c0] / HW);
       }
     });
-    // 2. the channel gate: the avg and max branches of samples [n0, n1) as one batch (z1, h (2 (n1 - n0), R),
-    //    z2 (2 (n1 - n0), C)), the weights read once for all of them
+    // 2. the channel gate of samples [n0, n1): their avg and max branches as one batch, the weights read once
+    //    for all of them
     auto gates_of = [&](int64_t n0, int64_t n1, bool split) {
-      acc_t *z1 = &tmp[n0 * 2 * R], *h = &tmp[g.N * 2 * R + n0 * 2 * R], *z2 = &tmp[g.N * 4 * R + n0 * 2 * C];
-      if (split) mlp.forward_parallel(act, Act::kNone, 2 * (n1 - n0), pp + n0 * 2 * C, z1, h, z2);
-      else mlp.forward_batch(act, 2 * (n1 - n0), pp + n0 * 2 * C, z1, h, z2);
-      for (int64_t n = n0; n < n1; ++n) {
-        const acc_t* zn = z2 + (n - n0) * 2 * C;
-        for (int64_t c = 0; c < C; ++c) ca[n * C + c] = zn[c] + zn[C + c];
-      }
+      acc_t *z1 = &tmp[n0 * 2 * R], *h = &tmp[g.N * 2 * R + n0 * 2 * R], *hs = &tmp[g.N * 4 * R + n0 * R];
+      mlp.forward_pairs(act, n1 - n0, pp + n0 * 2 * C, z1, h, hs, &ca[n0 * C], split);
       attn::act_inplace<acc_t>(gate, &ca[n0 * C], nullptr, (n1 - n0) * C);
     };
     auto channel_mlp = attn::serial([&](int64_t n) { gates_of(n, n + 1, false); });
@@ -350,20 +346,19 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
     const scalar_t *px = x.data_ptr<scalar_t>(), *pgo = go.data_ptr<scalar_t>();
     scalar_t* pgx = gx.data_ptr<scalar_t>();
     const acc_t *pp = pooled.data_ptr<acc_t>(), *ps = spatial.data_ptr<acc_t>();
-    // Per sample: MLP activations for the avg and max branches (z1, h: (2, R)), the gate (ca, its slope),
-    // per-pixel values (vhat, sa, dv, du, tie counts, ds (2, HW)), per-channel dca, dp (2, C) and the
-    // gradients each sample adds to the MLP weights (dz1 (2, R), dz2 (2, C)) and the conv weight.
-    std::vector<acc_t> z1(g.N * 2 * R), h(g.N * 2 * R), ca(g.N * C), dgate(g.N * C), dca(g.N * C),
-        dp(g.N * 2 * C), dz1(g.N * 2 * R), dz2(g.N * 2 * C), sa(g.N * HW), ties(g.N * HW), z2(2 * C * g.N),
-        coef_mean(g.N * HW), coef_max(g.N * HW);
+    // Per sample: MLP activations for the avg and max branches (z1, h: (2, R); hs (R), the summed fc2
+    // output zs (C), see Mlp::forward_pairs), the gate (ca, its slope), per-pixel values (vhat, sa, dv, du,
+    // tie counts, ds (2, HW)), per-channel dca, dp (2, C) and the gradients each sample adds to the MLP
+    // weights (dz1 (2, R), dzs (C)) and the conv weight.
+    std::vector<acc_t> z1(g.N * 2 * R), h(g.N * 2 * R), hs(g.N * R), ca(g.N * C), dgate(g.N * C), dca(g.N * C),
+        dp(g.N * 2 * C), dz1(g.N * 2 * R), dzs(g.N * C), sa(g.N * HW), ties(g.N * HW), coef_mean(g.N * HW),
+        coef_max(g.N * HW);
     std::vector<red_t> vhat(g.N * HW), dv(g.N * HW), du(g.N * HW), ds(g.N * 2 * HW), gcw_n(g.N * 2 * K2, red_t(0));
     red_t mdv = 0, mdvv = 0;
 
     // The channel gates of all samples from the pooled maps (no pass over x): the avg and max branches of
     // every sample as one batch, the threads splitting the weights.
-    mlp.forward_parallel(act, Act::kNone, 2 * g.N, pp, z1.data(), h.data(), z2.data());
-    for (int64_t n = 0; n < g.N; ++n)
-      for (int64_t c = 0; c < C; ++c) ca[n * C + c] = z2[n * 2 * C + c] + z2[n * 2 * C + C + c];
+    mlp.forward_pairs(act, g.N, pp, z1.data(), h.data(), hs.data(), ca.data(), true);
     std::fill(dgate.begin(), dgate.end(), acc_t(1));
     attn::act_inplace<acc_t>(gate, ca.data(), dgate.data(), g.N * C);
     // dsa[q] = sum_c go * x * ca, the tie count of the channel max, and dv = dsa * gate'(v)
@@ -496,15 +491,10 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
         for (int64_t c = c0; c < c1; ++c) dca[n * C + c] = static_cast<acc_t>(acc[c - c0]);
       }
     });
-    // The MLP backward of samples [n0, n1), both branches: dz2 = dca * gate' for each.
+    // The MLP backward of samples [n0, n1), both branches: dzs = dca * gate'.
     auto mlp_back_of = [&](int64_t n0, int64_t n1, bool split) {
-      for (int64_t n = n0; n < n1; ++n) {
-        acc_t* d2 = &dz2[n * 2 * C];
-        for (int64_t c = 0; c < C; ++c) d2[c] = d2[C + c] = dca[n * C + c] * dgate[n * C + c];
-      }
-      const int64_t K = 2 * (n1 - n0);
-      if (split) mlp.backward_parallel(act, K, &z1[n0 * 2 * R], &dz2[n0 * 2 * C], &dz1[n0 * 2 * R], &dp[n0 * 2 * C]);
-      else mlp.backward_batch(act, K, &z1[n0 * 2 * R], &dz2[n0 * 2 * C], &dz1[n0 * 2 * R], &dp[n0 * 2 * C]);
+      for (int64_t i = n0 * C; i < n1 * C; ++i) dzs[i] = dca[i] * dgate[i];
+      mlp.backward_pairs(act, n1 - n0, &z1[n0 * 2 * R], &dzs[n0 * C], &dz1[n0 * 2 * R], &dp[n0 * 2 * C], split);
     };
     auto mlp_back = attn::serial([&](int64_t n) { mlp_back_of(n, n + 1, false); });
     // gx += dpavg / HW + dpmax * [x == max_hw] / ties, channels [c0, c1)
@@ -574,7 +564,9 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
       for (int64_t n = 0; n < g.N; ++n) s += gcw_n[n * 2 * K2 + i];
       pgcw[i] = static_cast<scalar_t>(s);
     }
-    attn::linear_weight_grad<scalar_t, acc_t>(2 * g.N, C, R, dz2.data(), h.data(), gw2, gb2);
+    // fc2 saw hs with bias 2 b2: its weight gradient sums dzs hs^T, its bias gradient twice dzs
+    attn::linear_weight_grad<scalar_t, acc_t>(g.N, C, R, dzs.data(), hs.data(), gw2, gb2);
+    gb2.mul_(2);
     attn::linear_weight_grad<scalar_t, acc_t>(2 * g.N, R, C, dz1.data(), pp, gw1, gb1);
   });
   return {gx, gw1, gb1, gw2, gb2, gcw, gbw, gbb};

@@ -301,6 +301,55 @@ struct Mlp {
     parallel_cols<acc_t>(C, R * K, [&](int64_t c0, int64_t c1) { linear_t_cols(K, C, R, dz1, w1, dp, c0, c1); });
   }
 
+  // CBAM's avg and max branches, whose fc2 outputs are summed before the gate: for K samples with rows
+  // (avg, max) in p (2K, C), z1 and h (2K, R), hs (K, R) = h_avg + h_max and s (K, C) = W2 hs + 2 b2
+  // = z2_avg + z2_max, so fc2 runs once per sample, not once per branch. split: the threads split the weight
+  // rows (call it outside any parallel region then).
+  void forward_pairs(Act act, int64_t K, const acc_t* p, acc_t* z1, acc_t* h, acc_t* hs, acc_t* s, bool split) const {
+    std::vector<acc_t> b2x2(C);
+    for (int64_t c = 0; c < C; ++c) b2x2[c] = 2 * b2[c];
+    auto fc1 = [&](int64_t r0, int64_t r1) {
+      linear_rows(2 * K, R, C, p, w1, b1, z1, r0, r1);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t a = 2 * k * R + r, m = a + R;
+          h[a] = act_fwd(act, z1[a]);
+          h[m] = act_fwd(act, z1[m]);
+          hs[k * R + r] = h[a] + h[m];
+        }
+    };
+    auto fc2 = [&](int64_t c0, int64_t c1) { linear_rows(K, C, R, hs, w2, b2x2.data(), s, c0, c1); };
+    if (split) {
+      at::parallel_for(0, R, grain_for(2 * C * K), fc1);
+      at::parallel_for(0, C, grain_for(R * K), fc2);
+    } else {
+      fc1(0, R);
+      fc2(0, C);
+    }
+  }
+  // Given ds (K, C), the gradient of s that both branches' z2 receive: dz1 (2K, R) = (ds W2) * act'(z1) per
+  // branch (ds W2 is computed once for both) and dp (2K, C) = dz1 W1; z1 from forward_pairs().
+  void backward_pairs(Act act, int64_t K, const acc_t* z1, const acc_t* ds, acc_t* dz1, acc_t* dp, bool split) const {
+    std::vector<acc_t> t(K * R);
+    auto back2 = [&](int64_t r0, int64_t r1) {
+      linear_t_cols(K, R, C, ds, w2, t.data(), r0, r1);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t a = 2 * k * R + r, m = a + R;
+          dz1[a] = t[k * R + r] * act_grad(act, z1[a]);
+          dz1[m] = t[k * R + r] * act_grad(act, z1[m]);
+        }
+    };
+    auto back1 = [&](int64_t c0, int64_t c1) { linear_t_cols(2 * K, C, R, dz1, w1, dp, c0, c1); };
+    if (split) {
+      parallel_cols<acc_t>(R, C * K, back2);
+      parallel_cols<acc_t>(C, 2 * R * K, back1);
+    } else {
+      back2(0, R);
+      back1(0, C);
+    }
+  }
+
  private:
   // Columns [r0, r1) of dz1 = (dz2 W2) * act'(z1).
   void back_fc2(Act act, int64_t K, const acc_t* z1, const acc_t* dz2, acc_t* dz1, int64_t r0, int64_t r1) const {
