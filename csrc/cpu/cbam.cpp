@@ -201,7 +201,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
       if (!g.cl) {
         std::vector<attn::red_t> sum(q1 - q0, attn::red_t(0));
         for (int64_t q = q0; q < q1; ++q) s1[q] = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t c = 0; c < C; ++c) {
+        // Four channels are added in acc_t before one add into the double sums: loading and storing the
+        // per-pixel sums for every channel would cost more than reading x.
+        int64_t c = 0;
+        for (; c + 4 <= C; c += 4) {
+          const scalar_t *p0 = xs + c * HW, *p1 = p0 + HW, *p2 = p1 + HW, *p3 = p2 + HW;
+          const acc_t k0 = can[c], k1 = can[c + 1], k2 = can[c + 2], k3 = can[c + 3];
+          for (int64_t q = q0; q < q1; ++q) {
+            const acc_t v0 = static_cast<acc_t>(p0[q]) * k0, v1 = static_cast<acc_t>(p1[q]) * k1;
+            const acc_t v2 = static_cast<acc_t>(p2[q]) * k2, v3 = static_cast<acc_t>(p3[q]) * k3;
+            sum[q - q0] += static_cast<attn::red_t>((v0 + v1) + (v2 + v3));
+            s1[q] = vmax(s1[q], vmax(vmax(v0, v1), vmax(v2, v3)));
+          }
+        }
+        for (; c < C; ++c) {
           const scalar_t* p = xs + c * HW;
           const acc_t k = can[c];
           for (int64_t q = q0; q < q1; ++q) {
