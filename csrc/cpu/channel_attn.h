@@ -227,12 +227,18 @@ void linear_t_cols(int64_t K, int64_t O, int64_t I, const acc_t* x, const acc_t*
     }
 }
 
-// fn(o0, o1) over [0, O) split across the threads in whole vectors of columns, each column costing `work`.
+// fn(o0, o1) over [0, O), each row costing `work`: split across the threads when split (the MLP of a whole
+// batch, called outside any parallel region), else in one call (one block's MLP, inside a thread's work).
+template <typename F>
+void split_rows(bool split, int64_t O, int64_t work, const F& fn) {
+  if (split) at::parallel_for(0, O, grain_for(work), fn);
+  else fn(0, O);
+}
+// split_rows() over output columns, split in whole vectors so that each chunk keeps the vector tiles.
 template <typename acc_t, typename F>
-void parallel_cols(int64_t O, int64_t work, const F& fn) {
+void split_cols(bool split, int64_t O, int64_t work, const F& fn) {
   constexpr int N = simd::Vec<acc_t>::N;
-  at::parallel_for(0, (O + N - 1) / N, grain_for(work * N),
-                   [&](int64_t b0, int64_t b1) { fn(b0 * N, std::min(O, b1 * N)); });
+  split_rows(split, (O + N - 1) / N, work * N, [&](int64_t b0, int64_t b1) { fn(b0 * N, std::min(O, b1 * N)); });
 }
 
 // The channel MLP z2 = W2 act(W1 p + b1) + b2 of one sample; W1 (R, C), W2 (C, R) row-major. Weights
@@ -263,48 +269,39 @@ struct Mlp {
   }
   Mlp(const Mlp&) = delete;
 
-  // z1 (R) = W1 p + b1, h = act(z1), z2 (C) = W2 h + b2.
-  void forward(Act act, const acc_t* p, acc_t* z1, acc_t* h, acc_t* z2) const { forward_batch(act, 1, p, z1, h, z2); }
-
-  // forward() for K consecutive samples (p (K, C), z1 / h (K, R), z2 (K, C)): each weight row is read
-  // once for the K samples. SE-ResNet-50's last stage has 2 MiB of fc weights per 0.4 MiB sample.
-  void forward_batch(Act act, int64_t K, const acc_t* p, acc_t* z1, acc_t* h, acc_t* z2) const {
-    linear_rows(K, R, C, p, w1, b1, z1, 0, R);
-    std::copy(z1, z1 + K * R, h);
-    act_inplace<acc_t>(act, h, nullptr, K * R);
-    linear_rows(K, C, R, h, w2, b2, z2, 0, C);
-  }
-  // forward_batch() with the threads splitting each layer's weight rows, so that every weight is read once
-  // per call; z2 leaves as gate(W2 h + b2). Call it outside any parallel region.
-  void forward_parallel(Act act, Act gate, int64_t K, const acc_t* p, acc_t* z1, acc_t* h, acc_t* z2) const {
-    at::parallel_for(0, R, grain_for(C * K), [&](int64_t r0, int64_t r1) {
+  // K consecutive samples (p (K, C), z1 / h (K, R), z2 (K, C)): z1 = W1 p + b1, h = act(z1),
+  // z2 = gate(W2 h + b2) (Act::kNone leaves W2 h + b2). Each weight row is read once for the K samples;
+  // split: the threads split each layer's weight rows, so that every weight is read once per call.
+  // SE-ResNet-50's last stage has 2 MiB of fc weights per 0.4 MiB sample.
+  void forward(Act act, Act gate, int64_t K, const acc_t* p, acc_t* z1, acc_t* h, acc_t* z2, bool split) const {
+    split_rows(split, R, C * K, [&](int64_t r0, int64_t r1) {
       linear_rows(K, R, C, p, w1, b1, z1, r0, r1);
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t r = r0; r < r1; ++r) h[k * R + r] = act_fwd(act, z1[k * R + r]);
+      for (int64_t k = 0; k < K; ++k) {
+        std::copy(z1 + k * R + r0, z1 + k * R + r1, h + k * R + r0);
+        act_inplace<acc_t>(act, h + k * R + r0, nullptr, r1 - r0);
+      }
     });
-    at::parallel_for(0, C, grain_for(R * K), [&](int64_t c0, int64_t c1) {
+    split_rows(split, C, R * K, [&](int64_t c0, int64_t c1) {
       linear_rows(K, C, R, h, w2, b2, z2, c0, c1);
       for (int64_t k = 0; k < K; ++k) act_inplace<acc_t>(gate, z2 + k * C + c0, nullptr, c1 - c0);
     });
   }
 
-  // Given dz2 (K, C) of K consecutive samples, returns dz1 (K, R) = (dz2 W2) * act'(z1) and dp (K, C) = dz1 W1;
-  // z1 from forward_batch(). Each weight row is read once for the K samples.
-  void backward_batch(Act act, int64_t K, const acc_t* z1, const acc_t* dz2, acc_t* dz1, acc_t* dp) const {
-    back_fc2(act, K, z1, dz2, dz1, 0, R);
-    linear_t_cols(K, C, R, dz1, w1, dp, 0, C);
-  }
-  // backward_batch() with the threads splitting each layer's output columns, so that every weight is read
-  // once per call. Call it outside any parallel region.
-  void backward_parallel(Act act, int64_t K, const acc_t* z1, const acc_t* dz2, acc_t* dz1, acc_t* dp) const {
-    parallel_cols<acc_t>(R, C * K, [&](int64_t r0, int64_t r1) { back_fc2(act, K, z1, dz2, dz1, r0, r1); });
-    parallel_cols<acc_t>(C, R * K, [&](int64_t c0, int64_t c1) { linear_t_cols(K, C, R, dz1, w1, dp, c0, c1); });
+  // Given dz2 (K, C), returns dz1 (K, R) = (dz2 W2) * act'(z1) and dp (K, C) = dz1 W1; z1 from forward().
+  // split: the threads split each layer's output columns.
+  void backward(Act act, int64_t K, const acc_t* z1, const acc_t* dz2, acc_t* dz1, acc_t* dp, bool split) const {
+    split_cols<acc_t>(split, R, C * K, [&](int64_t r0, int64_t r1) {
+      linear_t_cols(K, R, C, dz2, w2, dz1, r0, r1);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t r = r0; r < r1; ++r) dz1[k * R + r] *= act_grad(act, z1[k * R + r]);
+    });
+    split_cols<acc_t>(split, C, R * K, [&](int64_t c0, int64_t c1) { linear_t_cols(K, C, R, dz1, w1, dp, c0, c1); });
   }
 
   // CBAM's avg and max branches, whose fc2 outputs are summed before the gate: for K samples with rows
   // (avg, max) in p (2K, C), z1 and h (2K, R), hs (K, R) = h_avg + h_max and s (K, C) = W2 hs + 2 b2
   // = z2_avg + z2_max, so fc2 runs once per sample, not once per branch. split: the threads split the weight
-  // rows (call it outside any parallel region then).
+  // rows.
   void forward_pairs(Act act, int64_t K, const acc_t* p, acc_t* z1, acc_t* h, acc_t* hs, acc_t* s, bool split) const {
     std::vector<acc_t> b2x2(C);
     for (int64_t c = 0; c < C; ++c) b2x2[c] = 2 * b2[c];
@@ -318,14 +315,8 @@ struct Mlp {
           hs[k * R + r] = h[a] + h[m];
         }
     };
-    auto fc2 = [&](int64_t c0, int64_t c1) { linear_rows(K, C, R, hs, w2, b2x2.data(), s, c0, c1); };
-    if (split) {
-      at::parallel_for(0, R, grain_for(2 * C * K), fc1);
-      at::parallel_for(0, C, grain_for(R * K), fc2);
-    } else {
-      fc1(0, R);
-      fc2(0, C);
-    }
+    split_rows(split, R, 2 * C * K, fc1);
+    split_rows(split, C, R * K, [&](int64_t c0, int64_t c1) { linear_rows(K, C, R, hs, w2, b2x2.data(), s, c0, c1); });
   }
   // Given ds (K, C), the gradient of s that both branches' z2 receive: dz1 (2K, R) = (ds W2) * act'(z1) per
   // branch (ds W2 is computed once for both) and dp (2K, C) = dz1 W1; z1 from forward_pairs().
@@ -340,24 +331,12 @@ struct Mlp {
           dz1[m] = t[k * R + r] * act_grad(act, z1[m]);
         }
     };
-    auto back1 = [&](int64_t c0, int64_t c1) { linear_t_cols(2 * K, C, R, dz1, w1, dp, c0, c1); };
-    if (split) {
-      parallel_cols<acc_t>(R, C * K, back2);
-      parallel_cols<acc_t>(C, 2 * R * K, back1);
-    } else {
-      back2(0, R);
-      back1(0, C);
-    }
+    split_cols<acc_t>(split, R, C * K, back2);
+    split_cols<acc_t>(split, C, 2 * R * K,
+                      [&](int64_t c0, int64_t c1) { linear_t_cols(2 * K, C, R, dz1, w1, dp, c0, c1); });
   }
 
  private:
-  // Columns [r0, r1) of dz1 = (dz2 W2) * act'(z1).
-  void back_fc2(Act act, int64_t K, const acc_t* z1, const acc_t* dz2, acc_t* dz1, int64_t r0, int64_t r1) const {
-    linear_t_cols(K, R, C, dz2, w2, dz1, r0, r1);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t r = r0; r < r1; ++r) dz1[k * R + r] *= act_grad(act, z1[k * R + r]);
-  }
-
   std::vector<acc_t> own_[4], zeros_;
 };
 

@@ -212,13 +212,12 @@ std::tuple<at::Tensor, at::Tensor> squeeze_excite_cpu(const at::Tensor& x_in, co
     auto run = [&](auto stream, auto relu) {
       if (whole) {
         attn::per_sample(g.N, pool);
-        mlp.forward_parallel(act, gate, g.N, pp, z1.data(), h.data(), gt.data());
+        mlp.forward(act, gate, g.N, pp, z1.data(), h.data(), gt.data(), true);
         attn::per_sample(g.N, scale_pass(stream, relu));
       } else {
         attn::per_block(g.N, B, pool,
                         attn::block([&](int64_t n0, int64_t n1) {
-                          mlp.forward_batch(act, n1 - n0, pp + n0 * C, &z1[n0 * R], &h[n0 * R], &gt[n0 * C]);
-                          attn::act_inplace<acc_t>(gate, &gt[n0 * C], nullptr, (n1 - n0) * C);
+                          mlp.forward(act, gate, n1 - n0, pp + n0 * C, &z1[n0 * R], &h[n0 * R], &gt[n0 * C], false);
                         }),
                         scale_pass(stream, relu));
       }
@@ -302,9 +301,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t read_bytes = (kRelu ? 3 : 2) * static_cast<int64_t>(x.nbytes());
       if (read_bytes <= 2 * simd::llc_share_bytes()) {
         attn::per_sample(g.N, dgate_pass);
-        mlp.forward_parallel(act, Act::kNone, g.N, pp, z1.data(), h.data(), gt.data());
+        mlp.forward(act, Act::kNone, g.N, pp, z1.data(), h.data(), gt.data(), true);
         at::parallel_for(0, g.N * C, attn::grain_for(64), gate_back);
-        mlp.backward_parallel(act, g.N, z1.data(), dz2.data(), dz1.data(), dp.data());
+        mlp.backward(act, g.N, z1.data(), dz2.data(), dz1.data(), dp.data(), true);
         for (auto& v : dp) v *= inv_hw;
         attn::per_sample(g.N, gx_pass);
       } else {
@@ -313,9 +312,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         attn::per_block(g.N, B, dgate_pass,
                         attn::block([&](int64_t n0, int64_t n1) {
                           const int64_t K = n1 - n0;
-                          mlp.forward_batch(act, K, pp + n0 * C, &z1[n0 * R], &h[n0 * R], &gt[n0 * C]);
+                          mlp.forward(act, Act::kNone, K, pp + n0 * C, &z1[n0 * R], &h[n0 * R], &gt[n0 * C], false);
                           gate_back(n0 * C, n1 * C);
-                          mlp.backward_batch(act, K, &z1[n0 * R], &dz2[n0 * C], &dz1[n0 * R], &dp[n0 * C]);
+                          mlp.backward(act, K, &z1[n0 * R], &dz2[n0 * C], &dz1[n0 * R], &dp[n0 * C], false);
                           for (int64_t i = n0 * C; i < n1 * C; ++i) dp[i] *= inv_hw;
                         }),
                         gx_pass);
