@@ -129,6 +129,32 @@ def test_cpu_streamed_output(monkeypatch):
         _check_all("cpu", geom, torch.float32, "channels_last", "cpu")
 
 
+@pytest.mark.parametrize("k, s", [(3, 1), (5, 1), (7, 1), (3, 2), (5, 2)])
+@pytest.mark.parametrize("dtype, C, share", [(torch.float32, 35, None), (torch.bfloat16, 35, None),
+                                             (torch.float32, 32, "0")], ids=["fp32", "bf16", "fp32-streamed"])
+def test_cpu_channels_last_row_tiles(k, s, dtype, C, share, monkeypatch):
+    """channels_last rows with these kernel widths and strides go through tiles of 8 / 4 / 1 pixels that
+    mask the padding at the row's ends, and the last tile of a row may overlap the one before: every width
+    from 1 to 19 and every padding up to k - 1 (wider than the kernel's half, so both ends are masked), with
+    channels in 16-channel groups and left over (C = 35), or whole groups stored around the cache (C = 32,
+    FASTOPS_LLC_SHARE_BYTES=0), each output element checked."""
+    if share is not None:
+        monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", share)
+    torch.manual_seed(0)
+    w = torch.randn(C, 1, 3, k).to(dtype)
+    b = torch.randn(C).to(dtype)
+    for W in range(1, 20):
+        for p in range(k):
+            if W + 2 * p < k:
+                continue
+            x = torch.randn(2, C, 4, W).to(dtype).to(memory_format=torch.channels_last)
+            with fastops.use_backend("cpu"):
+                y = fastops.depthwise_conv2d(x, w, b, s, (1, p))
+            ref = F.conv2d(x.double(), w.double(), b.double(), s, (1, p), groups=C)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
+            torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"W={W} p={p}: {m}")
+
+
 @settings(max_examples=40, deadline=None, derandomize=True)  # same examples every CI run
 @given(n=st.integers(1, 3), c=st.integers(1, 40), h=st.integers(1, 24), w=st.integers(1, 24),
        kh=st.integers(1, 7), kw=st.integers(1, 7), sh=st.integers(1, 3), sw=st.integers(1, 3),

@@ -7,7 +7,9 @@
 // stride reads a *contiguous* run of the buffer and the inner loop is a plain SIMD FMA over a tile of
 // outputs kept in registers. Converting half/bf16 to fp32 happens in that same copy.
 // channels_last: channels are contiguous, so the SIMD loop runs over a tile of channels for one output
-// pixel, with the weights pre-transposed to (kh, kw, C).
+// pixel, with the weights pre-transposed to (kh, kw, C). The common kernel widths and strides (3/5/7 at
+// stride 1, 3/5 at stride 2) go through register tiles of 8 pixels that load each input pixel once for all
+// the taps it feeds (namespace slide), in the widest vectors the build has (AVX-512: 16 channels a vector).
 // Accumulation is in at::opmath_type<T> (fp32 for half/bf16/float, fp64 for double).
 //
 // The forward loops take a `post` callback, called once a unit of output is written and still in
@@ -272,6 +274,163 @@ void pixels_channels(int64_t C, const scalar_t* src, int64_t src_px, const acc_t
     }
 }
 
+// channels_last tiles with the kernel width KW and the stride S known at compile time (dilation 1 along the
+// width): P neighbouring output pixels of one row x one 64-byte group of channels. For each kernel row the
+// KW weight vectors are loaded once and stay in registers, and each of the J = (P-1)*S + KW input pixels
+// the tile reads is loaded once and multiplied into every output it is a tap of. An FMA then costs a
+// fraction of a load, where the generic tiles above load an input vector per FMA and their tap offsets
+// from memory, which keeps them load-bound at well under the FMA peak (7x7: 40% of it). With kEdge, input
+// pixels outside [jlo, jhi) are left-right padding and skipped, so that the same tiles cover the row's edges.
+namespace slide {
+
+template <typename acc_t>
+using W = simd::Vec<acc_t, simd::kWideBytes>;
+// Vectors per 64-byte group: whole cache lines per pixel, so that streaming stores never write half a line.
+constexpr int kNV = 64 / simd::kWideBytes;
+template <typename acc_t>
+constexpr int64_t kGroup = kNV * W<acc_t>::N;
+// Pixels per tile, largest first: 8 keeps the loads per FMA well under one and, with KW weights and an
+// input vector, within the registers of AVX-512 (AVX2 spills some weights to the stack, reloaded by the
+// FMAs, which is what the generic tiles do anyway).
+constexpr int kPix[3] = {8, 4, 1};
+
+template <int KW, int S, int P, bool kEdge, bool kStream, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void group_tile(const scalar_t* __restrict__ src, int64_t row_pitch, int64_t C,
+                                                      const acc_t* __restrict__ w, int64_t nkh, int jlo, int jhi,
+                                                      const acc_t* init, scalar_t* out) {
+  using Vw = W<acc_t>;
+  using V = typename Vw::V;
+  constexpr int NV = kNV;
+  constexpr int J = (P - 1) * S + KW;
+  V acc[P][NV];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v) acc[p][v] = init ? Vw::load(init + v * Vw::N) : V{};
+  // The input and weight pointers step by C from one pixel to the next through an empty asm, which keeps the
+  // compiler from turning each of the J offsets j * C into a register of its own (more than x86 has: it
+  // then parks them in vector registers and spends more instructions on addresses than on FMAs).
+  auto step = [C](const auto* p) {
+    p += C;
+    asm("" : "+r"(p));
+    return p;
+  };
+  const acc_t* wr = w;
+  for (int64_t r = 0; r < nkh; ++r) {
+    const scalar_t* s = src + r * row_pitch;
+    V wv[KW][NV];
+#pragma GCC unroll 16
+    for (int k = 0; k < KW; ++k) {
+      for (int v = 0; v < NV; ++v) wv[k][v] = Vw::load(wr + v * Vw::N);
+      wr = step(wr);
+    }
+#pragma GCC unroll 64
+    for (int j = 0; j < J; ++j) {
+      if (!kEdge || (j >= jlo && j < jhi)) {
+        V xv[NV];
+        for (int v = 0; v < NV; ++v) xv[v] = Vw::load_from(s + v * Vw::N);
+#pragma GCC unroll 16
+        for (int p = 0; p < P; ++p) {
+          const int k = j - p * S;  // a constant once unrolled: the branch folds away
+          if (k >= 0 && k < KW)
+            for (int v = 0; v < NV; ++v) acc[p][v] += wv[k][v] * xv[v];
+        }
+      }
+      s = step(s);
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v)
+      simd::store_vec<kStream, acc_t, scalar_t, simd::kWideBytes>(out + p * C + v * Vw::N, acc[p][v]);
+}
+
+// One output row (all its pixels, all channels) from x_row (the input row of the first valid kernel row, at
+// input column 0), w (the weights of that kernel row) and nkh kernel rows. One 64-byte group of channels at a
+// time goes along the whole row, so that its slice of the nkh input rows (a few KiB) stays in L1 from one
+// tile to the next, which re-reads the input pixels the two overlap on. Tiles
+// of 8, then 4 pixels; a remainder of 1-3 pixels is the row's last 4 pixels again (recomputing a few outputs
+// costs less than narrow tiles), or single pixels in a row narrower than 4. The channels past the last group
+// go one by one.
+template <int KW, int S, bool kStream, typename scalar_t, typename acc_t>
+void row(const Conv2dGeom& g, const scalar_t* x_row, const acc_t* w, int64_t nkh, int64_t row_pitch,
+         const acc_t* init, scalar_t* y_row) {
+  const int64_t C = g.C;
+  auto tile = [&](auto pix_i, auto edge, int64_t c, int64_t ow0, int jlo, int jhi) {
+    constexpr int P = kPix[decltype(pix_i)::value];
+    group_tile<KW, S, P, decltype(edge)::value, kStream>(x_row + (ow0 * S - g.PL) * C + c, row_pitch, C, w + c, nkh,
+                                                         jlo, jhi, init ? init + c : nullptr, y_row + ow0 * C + c);
+  };
+  using B0 = std::false_type;
+  using B1 = std::true_type;
+  using I0 = std::integral_constant<int, 0>;
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  int64_t c = 0;
+  for (; c + kGroup<acc_t> <= C; c += kGroup<acc_t>) {
+    for (int64_t ow = 0; ow < g.OW;) {
+      const int64_t left = g.OW - ow;
+      int64_t ow0 = ow;
+      int i = 2;
+      if (left >= kPix[0]) {
+        i = 0;
+      } else if (left >= kPix[1]) {
+        i = 1;
+      } else if (g.OW >= kPix[1]) {
+        i = 1;
+        ow0 = g.OW - kPix[1];
+      }
+      const int64_t iw0 = ow0 * S - g.PL;  // input column of the tile's first tap
+      const int64_t J = (kPix[i] - 1) * S + KW;
+      const int jlo = static_cast<int>(std::clamp<int64_t>(-iw0, 0, J));
+      const int jhi = static_cast<int>(std::clamp<int64_t>(g.W - iw0, 0, J));
+      const bool edge = jlo > 0 || jhi < J;
+      switch (i * 2 + edge) {
+        case 0: tile(I0{}, B0{}, c, ow0, jlo, jhi); break;
+        case 1: tile(I0{}, B1{}, c, ow0, jlo, jhi); break;
+        case 2: tile(I1{}, B0{}, c, ow0, jlo, jhi); break;
+        case 3: tile(I1{}, B1{}, c, ow0, jlo, jhi); break;
+        case 4: tile(I2{}, B0{}, c, ow0, jlo, jhi); break;
+        default: tile(I2{}, B1{}, c, ow0, jlo, jhi); break;
+      }
+      ow = ow0 + kPix[i];
+    }
+  }
+  for (; c < C; ++c)
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      const int64_t iw0 = ow * S - g.PL;
+      acc_t acc = init ? init[c] : acc_t(0);
+      for (int64_t r = 0; r < nkh; ++r)
+        for (int64_t k = std::max<int64_t>(0, -iw0); k < std::min<int64_t>(KW, g.W - iw0); ++k)
+          acc += w[(r * KW + k) * C + c] * static_cast<acc_t>(x_row[r * row_pitch + (iw0 + k) * C + c]);
+      y_row[ow * C + c] = static_cast<scalar_t>(acc);
+    }
+}
+
+template <typename scalar_t, typename acc_t>
+using RowFn = void (*)(const Conv2dGeom&, const scalar_t*, const acc_t*, int64_t, int64_t, const acc_t*, scalar_t*);
+
+// The compiled (KW, S) pairs (the kernels of MobileNet, EfficientNet, ConvNeXt, FastViT, PVTv2); null for
+// any other, and for fp64 (its gradcheck runs need no speed).
+template <bool kStream, typename scalar_t, typename acc_t>
+RowFn<scalar_t, acc_t> row_for(const Conv2dGeom& g) {
+  if constexpr (!std::is_same_v<acc_t, float>) {
+    return nullptr;
+  } else {
+    if (g.DW != 1) return nullptr;
+    if (g.SW == 1) {
+      if (g.KW == 3) return &row<3, 1, kStream, scalar_t, acc_t>;
+      if (g.KW == 5) return &row<5, 1, kStream, scalar_t, acc_t>;
+      if (g.KW == 7) return &row<7, 1, kStream, scalar_t, acc_t>;
+    } else if (g.SW == 2) {
+      if (g.KW == 3) return &row<3, 2, kStream, scalar_t, acc_t>;
+      if (g.KW == 5) return &row<5, 2, kStream, scalar_t, acc_t>;
+    }
+    return nullptr;
+  }
+}
+
+}  // namespace slide
+
 // Weights (C, 1, kh, kw) -> (kh*kw, C) in acc_t, so channels_last loops read them contiguously.
 template <typename acc_t>
 at::Tensor weights_khkw_c(const at::Tensor& w) {
@@ -303,8 +462,11 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
   constexpr bool kMayStream = std::is_same_v<Post, NoPost> && std::is_same_v<scalar_t, float>;
   const bool stream = kMayStream && C % 16 == 0 && simd::should_stream(static_cast<int64_t>(y.nbytes()));
 
+  const int64_t row_pitch = g.DH * g.W * C;
+
   auto rows = [&](auto stream_c) {
     constexpr bool kStream = decltype(stream_c)::value;
+    const slide::RowFn<scalar_t, acc_t> slide_row = slide::row_for<kStream, scalar_t, acc_t>(g);
     at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> x_off(KK), w_off(KK);
       for (int64_t row = begin; row < end; ++row) {
@@ -317,15 +479,23 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
         const int64_t ih_new = oh * g.SH - g.PT + (g.KH - 1) * g.DH;
         const scalar_t* new_row = (ih_new >= 0 && ih_new < g.H) ? xp + (n * g.H + ih_new) * g.W * C : nullptr;
         int64_t prefetched = 0;  // input columns of new_row already requested
-        for (int64_t ow = 0; ow < g.OW;) {
-          if (new_row) {
-            const int64_t want = std::min(g.W, (ow + kPrefetchPx) * g.SW + (g.KW - 1) * g.DW - g.PL + 1);
-            if (want > prefetched) {
-              prefetch_range(new_row + prefetched * C,
-                             (want - prefetched) * C * static_cast<int64_t>(sizeof(scalar_t)));
-              prefetched = want;
-            }
+        auto prefetch = [&](int64_t ow) {
+          if (!new_row) return;
+          const int64_t want = std::min(g.W, (ow + kPrefetchPx) * g.SW + (g.KW - 1) * g.DW - g.PL + 1);
+          if (want > prefetched) {
+            prefetch_range(new_row + prefetched * C, (want - prefetched) * C * static_cast<int64_t>(sizeof(scalar_t)));
+            prefetched = want;
           }
+        };
+        if (slide_row) {
+          if (new_row) prefetch_range(new_row, g.W * C * static_cast<int64_t>(sizeof(scalar_t)));
+          slide_row(g, xp + (n * g.H + oh * g.SH - g.PT + kh0 * g.DH) * g.W * C, wp + kh0 * g.KW * C, kh1 - kh0,
+                    row_pitch, bp, yp + (n * g.OH + oh) * g.OW * C);
+          post(row);
+          continue;
+        }
+        for (int64_t ow = 0; ow < g.OW;) {
+          prefetch(ow);
           int64_t kw0, kw1;
           tap_range(ow, g.SW, g.PL, g.DW, g.KW, g.W, kw0, kw1);
           // Taps inside the input, as offsets from this pixel's window origin.

@@ -16,9 +16,20 @@
 namespace fastops {
 namespace simd {
 
-template <typename T>
+// The widest vector the build targets, and how many vector registers it has: 64 bytes (32 registers)
+// with AVX-512, else 32 (16, AVX2). Most kernels use 32-byte vectors everywhere; a kernel whose tiles
+// want the registers of AVX-512 asks for Vec<T, kWideBytes>.
+#if defined(__AVX512F__)
+constexpr int kWideBytes = 64;
+constexpr int kVecRegs = 32;
+#else
+constexpr int kWideBytes = 32;
+constexpr int kVecRegs = 16;
+#endif
+
+template <typename T, int kB = 32>
 struct Vec {
-  static constexpr int kBytes = 32;
+  static constexpr int kBytes = kB;
   static constexpr int N = kBytes / sizeof(T);
   // aligned(sizeof(T)): the type may sit at any element boundary, so plain dereferences are unaligned loads.
   typedef T V __attribute__((vector_size(kBytes), aligned(sizeof(T))));

@@ -67,20 +67,28 @@ inline void stream_fence() {
 #endif
 }
 
-// One vector of Vec<acc_t>::N values at p: streamed when kStream, the output fp32 and p 32-byte aligned.
-// The caller makes sure that the two halves of every 64-byte line it streams are both written (see
+// One vector of Vec<acc_t, kB>::N values at p: streamed when kStream, the output fp32 and p aligned to the
+// vector. The caller makes sure that the two halves of every 64-byte line it streams are both written (see
 // kMinStreamRow for why partial lines must be avoided).
-template <bool kStream, typename acc_t, typename scalar_t>
-inline void store_vec(scalar_t* p, typename Vec<acc_t>::V v) {
+template <bool kStream, typename acc_t, typename scalar_t, int kB = 32>
+inline void store_vec(scalar_t* p, typename Vec<acc_t, kB>::V v) {
+#if defined(__AVX512F__)
+  if constexpr (kB == 64 && kStream && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+      _mm512_stream_ps(p, (__m512)v);
+      return;
+    }
+  }
+#endif
 #if defined(__AVX__)
-  if constexpr (kStream && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+  if constexpr (kB == 32 && kStream && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
     if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) {
       _mm256_stream_ps(p, (__m256)v);
       return;
     }
   }
 #endif
-  Vec<acc_t>::store_to(p, v);
+  Vec<acc_t, kB>::store_to(p, v);
 }
 
 // Rows shorter than this (elements) are stored normally: a cache line only partly written by streaming
