@@ -155,6 +155,30 @@ def test_cpu_channels_last_row_tiles(k, s, dtype, C, share, monkeypatch):
             torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"W={W} p={p}: {m}")
 
 
+@pytest.mark.parametrize("s", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_cpu_nchw_rows_of_every_width(s, dtype):
+    """NCHW planes are copied into phase buffers by whole vectors at stride 1 and 2 (even / odd columns
+    deinterleaved) and column by column past the last whole vector and at other strides; the register tiles
+    cover 1 to 8 rows. Every width from 1 to 40 with padding 0 to 2 and 1 to 9 output rows, each output
+    element checked."""
+    torch.manual_seed(0)
+    C = 3
+    w = torch.randn(C, 1, 3, 3).to(dtype)
+    b = torch.randn(C).to(dtype)
+    for W in range(1, 41):
+        for p in range(3):
+            H = 1 + (W % 9) * s
+            if W + 2 * p < 3 or H + 2 * p < 3:
+                continue
+            x = torch.randn(2, C, H, W).to(dtype)
+            with fastops.use_backend("cpu"):
+                y = fastops.depthwise_conv2d(x, w, b, s, p)
+            ref = F.conv2d(x.double(), w.double(), b.double(), s, p, groups=C)
+            tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.float64: 1e-12}[dtype]
+            torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"W={W} p={p}: {m}")
+
+
 @settings(max_examples=40, deadline=None, derandomize=True)  # same examples every CI run
 @given(n=st.integers(1, 3), c=st.integers(1, 40), h=st.integers(1, 24), w=st.integers(1, 24),
        kh=st.integers(1, 7), kw=st.integers(1, 7), sh=st.integers(1, 3), sw=st.integers(1, 3),

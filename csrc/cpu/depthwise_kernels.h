@@ -40,7 +40,7 @@ namespace fastops {
 namespace dw {
 
 constexpr int64_t kTile = 32;   // the widest register tile, in elements (4 AVX2 fp32 vectors)
-constexpr int64_t kTileRows = 4;  // the most output rows one NCHW tile covers (for narrow planes)
+constexpr int64_t kTileRows = 8;  // the most output rows one NCHW tile covers (for narrow planes)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -68,17 +68,32 @@ struct PhasePlane {
 
 // Copies one input plane into the buffer's interior; col_off[i] is the buffer offset of input column i
 // in row 0 (precomputed: the phase split needs a division per column).
+// Stride 1 and 2 copy whole vectors (stride 2: two vectors of input deinterleaved into one of each phase,
+// since column 2m of a row lands at col_off[0] + m and column 2m + 1 at col_off[1] + m); element by element,
+// the copy of a stride-2 plane took longer than its convolution.
 template <typename scalar_t, typename acc_t>
 void fill_phase_plane(const PhasePlane& pp, const Conv2dGeom& g, const int64_t* col_off,
                       const scalar_t* __restrict__ src, acc_t* __restrict__ buf) {
+  using Vec = simd::Vec<acc_t>;
+  constexpr int64_t N = Vec::N;
   for (int64_t r = 0; r < g.H; ++r) {
     const scalar_t* __restrict__ s = src + r * g.W;
     acc_t* __restrict__ d = buf + (r + g.PT) * pp.Wq;
-    // One contiguous destination run per phase: phase p gets every S-th input column from i0.
-    for (int64_t i0 = 0; i0 < std::min(pp.S, g.W); ++i0) {
-      acc_t* __restrict__ dp = d + col_off[i0];
-      for (int64_t i = i0, j = 0; i < g.W; i += pp.S, ++j) dp[j] = static_cast<acc_t>(s[i]);
+    int64_t done = 0;  // input columns [0, done) copied by whole vectors
+    if (pp.S == 1) {
+      acc_t* __restrict__ d0 = d + col_off[0];
+      for (; done + N <= g.W; done += N) Vec::store(d0 + done, Vec::load_from(s + done));
+    } else if (pp.S == 2 && g.W >= 2) {
+      acc_t* __restrict__ d0 = d + col_off[0];
+      acc_t* __restrict__ d1 = d + col_off[1];
+      for (; done + 2 * N <= g.W; done += 2 * N) {
+        typename Vec::V even, odd;
+        simd::deinterleave<acc_t>(Vec::load_from(s + done), Vec::load_from(s + done + N), even, odd);
+        Vec::store(d0 + done / 2, even);
+        Vec::store(d1 + done / 2, odd);
+      }
     }
+    for (int64_t i = done; i < g.W; ++i) d[col_off[i]] = static_cast<acc_t>(s[i]);
   }
 }
 
@@ -169,17 +184,17 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
   const int64_t KK = g.KH * g.KW;
   const std::vector<int64_t> taps = pp.tap_offsets(g);
   const std::vector<int64_t> cols = phase_col_offsets(pp, g);
-  // Register tile by plane width: 4 accumulators either way (enough to hide FMA latency), spread over
-  // rows when a row is only one or two vectors wide.
+  // Register tile by plane width: 8 accumulators (6 for rows of 3 vectors), enough to keep two FMA pipes
+  // of 4-cycle latency busy (4 were measurably short of it), spread over rows when a row is narrow.
   const int64_t nvec = ceil_div(g.OW, Vec::N);
   auto pick = [&](auto kk) {
     constexpr int KKc = decltype(kk)::value;
-    return nvec == 1 ? &forward_plane<4, 1, KKc, scalar_t, acc_t>
-         : nvec == 2 ? &forward_plane<2, 2, KKc, scalar_t, acc_t>
-         : nvec == 3 ? &forward_plane<1, 3, KKc, scalar_t, acc_t>
-                     : &forward_plane<1, kTile / Vec::N, KKc, scalar_t, acc_t>;
+    return nvec == 1 ? &forward_plane<8, 1, KKc, scalar_t, acc_t>
+         : nvec == 2 ? &forward_plane<4, 2, KKc, scalar_t, acc_t>
+         : nvec == 3 ? &forward_plane<2, 3, KKc, scalar_t, acc_t>
+                     : &forward_plane<2, kTile / Vec::N, KKc, scalar_t, acc_t>;
   };
-  auto run = KK == 9 && g.SW == 1    ? pick(std::integral_constant<int, 9>{})
+  auto run = KK == 9                 ? pick(std::integral_constant<int, 9>{})
            : KK == 49 && g.SW == 1   ? pick(std::integral_constant<int, 49>{})
                                      : pick(std::integral_constant<int, 0>{});
 

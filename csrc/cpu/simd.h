@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 namespace fastops {
 namespace simd {
@@ -74,6 +75,19 @@ inline void widen(Vec<float>::V f, Vec<double>::V& lo, Vec<double>::V& hi) {
   std::memcpy(&h, reinterpret_cast<const char*>(&f) + sizeof l, sizeof h);
   lo = __builtin_convertvector(l, Vec<double>::V);
   hi = __builtin_convertvector(h, Vec<double>::V);
+}
+
+// The even and odd lanes of the 2N values a, b (a's lanes first): even = a0 a2 .. b0 b2 .., odd = a1 a3 .. .
+template <typename T, size_t... I>
+inline void deinterleave_lanes(typename Vec<T>::V a, typename Vec<T>::V b, typename Vec<T>::V& even,
+                               typename Vec<T>::V& odd, std::index_sequence<I...>) {
+  even = __builtin_shufflevector(a, b, (2 * I)...);
+  odd = __builtin_shufflevector(a, b, (2 * I + 1)...);
+}
+template <typename T>
+inline void deinterleave(typename Vec<T>::V a, typename Vec<T>::V b, typename Vec<T>::V& even,
+                         typename Vec<T>::V& odd) {
+  deinterleave_lanes<T>(a, b, even, odd, std::make_index_sequence<Vec<T>::N>{});
 }
 
 // lo (+ hi) += v in double: a float vector's halves widen into lo and hi, a double vector adds into lo (the
