@@ -156,20 +156,23 @@ def test_cpu_channels_last_row_tiles(k, s, dtype, C, share, monkeypatch):
 
 
 @pytest.mark.parametrize("s", [1, 2, 3])
+@pytest.mark.parametrize("k", [3, 7])
+@pytest.mark.parametrize("C", [3, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
-def test_cpu_nchw_rows_of_every_width(s, dtype):
+def test_cpu_nchw_rows_of_every_width(s, k, C, dtype):
     """NCHW planes are copied into phase buffers by whole vectors at stride 1 and 2 (even / odd columns
     deinterleaved) and column by column past the last whole vector and at other strides; the register tiles
-    cover 1 to 8 rows. Every width from 1 to 40 with padding 0 to 2 and 1 to 9 output rows, each output
+    cover 1 to 8 rows. With C a multiple of 16 (fp16 / fp32, kernel widths with row tiles, outputs up to 32
+    wide) 16 planes at a time are transposed to pixels of 16 channels and back instead, 8 pixels at a time
+    and the rest one by one. Every width from 1 to 40 with padding 0 to 2 and 1 to 9 output rows, each output
     element checked."""
     torch.manual_seed(0)
-    C = 3
-    w = torch.randn(C, 1, 3, 3).to(dtype)
+    w = torch.randn(C, 1, k, k).to(dtype)
     b = torch.randn(C).to(dtype)
     for W in range(1, 41):
         for p in range(3):
             H = 1 + (W % 9) * s
-            if W + 2 * p < 3 or H + 2 * p < 3:
+            if W + 2 * p < k or H + 2 * p < k:
                 continue
             x = torch.randn(2, C, H, W).to(dtype)
             with fastops.use_backend("cpu"):
