@@ -177,8 +177,8 @@ inline void tap_range(int64_t o, int64_t S, int64_t P, int64_t D, int64_t K, int
 // width): P neighbouring output pixels of one row x one 64-byte group of channels. For each kernel row the
 // KW weight vectors are loaded once and stay in registers, and each of the J = (P-1)*S + KW input pixels
 // the tile reads is loaded once and multiplied into every output it is a tap of. An FMA then costs a
-// fraction of a load, where the generic tiles above load an input vector per FMA and their tap offsets
-// from memory, which keeps them load-bound at well under the FMA peak (7x7: 40% of it). With kEdge, input
+// fraction of a load, where the generic tiles (pixels_tile, channel_tile) load an input vector per FMA and
+// their tap offsets from memory, which keeps them load-bound at well under the FMA peak (7x7: 40% of it). With kEdge, input
 // pixels outside [jlo, jhi) are left-right padding and skipped, so that the same tiles cover the row's edges.
 namespace slide {
 
