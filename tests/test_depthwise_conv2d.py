@@ -137,7 +137,7 @@ def test_cpu_channels_last_row_tiles(k, s, dtype, C, share, monkeypatch):
     mask the padding at the row's ends, and the last tile of a row may overlap the one before: every width
     from 1 to 19 and every padding up to k - 1 (wider than the kernel's half, so both ends are masked), with
     channels in 16-channel groups and left over (C = 35), or whole groups stored around the cache (C = 32,
-    FASTOPS_LLC_SHARE_BYTES=0), each output element checked."""
+    FASTOPS_LLC_SHARE_BYTES=0), each output element checked, and in fp32 each element of grad_input."""
     if share is not None:
         monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", share)
     torch.manual_seed(0)
@@ -147,12 +147,20 @@ def test_cpu_channels_last_row_tiles(k, s, dtype, C, share, monkeypatch):
         for p in range(k):
             if W + 2 * p < k:
                 continue
-            x = torch.randn(2, C, 4, W).to(dtype).to(memory_format=torch.channels_last)
+            x = torch.randn(2, C, 4, W).to(dtype).to(memory_format=torch.channels_last).requires_grad_()
             with fastops.use_backend("cpu"):
                 y = fastops.depthwise_conv2d(x, w, b, s, (1, p))
-            ref = F.conv2d(x.double(), w.double(), b.double(), s, (1, p), groups=C)
+            xr = x.detach().double().requires_grad_()
+            ref = F.conv2d(xr, w.double(), b.double(), s, (1, p), groups=C)
             tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
             torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"W={W} p={p}: {m}")
+            if dtype == torch.float32:
+                # at stride 1 grad_input is the same tiles' convolution of grad_output with the flipped kernel
+                go = torch.randn_like(y)
+                y.backward(go)
+                ref.backward(go.double())
+                torch.testing.assert_close(x.grad.double(), xr.grad, rtol=tol, atol=tol,
+                                           msg=lambda m: f"grad_input W={W} p={p}: {m}")
 
 
 @pytest.mark.parametrize("s", [1, 2, 3])
