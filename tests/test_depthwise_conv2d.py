@@ -172,8 +172,8 @@ def test_cpu_nchw_rows_of_every_width(s, k, C, dtype):
     deinterleaved) and column by column past the last whole vector and at other strides; the register tiles
     cover 1 to 8 rows. With C a multiple of 16 (fp16 / fp32, kernel widths with row tiles, outputs up to 32
     wide) 16 planes at a time are transposed to pixels of 16 channels and back instead, 8 pixels at a time
-    and the rest one by one. Every width from 1 to 40 with padding 0 to 2 and 1 to 9 output rows, each output
-    element checked."""
+    and the rest one by one, forward and (stride 1) backward. Every width from 1 to 40 with padding 0 to 2
+    and 1 to 9 output rows, each output element checked, and in fp32 at stride 1 each gradient element."""
     torch.manual_seed(0)
     w = torch.randn(C, 1, k, k).to(dtype)
     b = torch.randn(C).to(dtype)
@@ -182,12 +182,23 @@ def test_cpu_nchw_rows_of_every_width(s, k, C, dtype):
             H = 1 + (W % 9) * s
             if W + 2 * p < k or H + 2 * p < k:
                 continue
-            x = torch.randn(2, C, H, W).to(dtype)
+            grads = dtype == torch.float32 and s == 1
+            x = torch.randn(2, C, H, W).to(dtype).requires_grad_(grads)
+            ws, bs = w.clone().requires_grad_(grads), b.clone().requires_grad_(grads)
             with fastops.use_backend("cpu"):
-                y = fastops.depthwise_conv2d(x, w, b, s, p)
-            ref = F.conv2d(x.double(), w.double(), b.double(), s, p, groups=C)
+                y = fastops.depthwise_conv2d(x, ws, bs, s, p)
+            xr, wr, br = (t.detach().double().requires_grad_(grads) for t in (x, w, b))
+            ref = F.conv2d(xr, wr, br, s, p, groups=C)
             tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.float64: 1e-12}[dtype]
             torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"W={W} p={p}: {m}")
+            if grads:
+                go = torch.randn_like(y)
+                y.backward(go)
+                ref.backward(go.double())
+                for name, got, want in (("grad_input", x.grad, xr.grad), ("grad_weight", ws.grad, wr.grad),
+                                        ("grad_bias", bs.grad, br.grad)):
+                    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4,
+                                               msg=lambda m: f"{name} W={W} p={p}: {m}")
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)  # same examples every CI run

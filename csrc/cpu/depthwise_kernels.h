@@ -624,12 +624,93 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
 // ---------------------------------------------------------------------------------------------------
 // Backward.
 
+// NCHW backward of small planes at stride 1 (the planes forward_nchw_pixels16 takes), 16 channels at a
+// time: per sample, x and grad_output are transposed to pixels of 16 channels; grad_input is the row tiles'
+// convolution of grad_output, padded by k - 1 - padding, with the flipped kernel, transposed back; the
+// weight and bias gradients are sums over the pixels in 16-lane vectors. Parallel over the blocks, so that
+// each thread owns its channels' weight and bias gradients. Returns false (nothing done) where it does not
+// apply.
+template <typename scalar_t>
+bool backward_nchw_pixels16(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::Tensor& gi,
+                            at::Tensor& gw, at::Tensor& gb, const Conv2dGeom& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (!std::is_same_v<acc_t, float>) {
+    return false;
+  } else {
+    constexpr int64_t B = 16, kMaxOW = 32;
+    Conv2dGeom gt = g;  // grad_output -> grad_input, for one block
+    gt.C = B;
+    gt.H = g.OH, gt.W = g.OW, gt.OH = g.H, gt.OW = g.W;
+    gt.PT = g.KH - 1 - g.PT, gt.PL = g.KW - 1 - g.PL, gt.PB = g.KH - 1 - g.PB, gt.PR = g.KW - 1 - g.PR;
+    const bool fits = g.SH == 1 && g.SW == 1 && g.DH == 1 && g.DW == 1 && gt.PT >= 0 && gt.PL >= 0 &&
+                      g.C % B == 0 && g.OW <= kMaxOW;
+    const slide::RowFn<float, float> row = fits ? slide::row_for<false, float, float>(gt) : nullptr;
+    if (!row) return false;
+    using Vec = simd::Vec<float>;
+    const int64_t KK = g.KH * g.KW, HW = g.H * g.W, OHW = g.OH * g.OW, nblk = g.C / B;
+    const at::Tensor wf = w.contiguous().to(at::kFloat);
+    const float* wp = wf.data_ptr<float>();
+    std::vector<float> wflip(g.C * KK);  // (C / 16, kh * kw, 16), taps reversed
+    for (int64_t c = 0; c < g.C; ++c)
+      for (int64_t k = 0; k < KK; ++k) wflip[((c / B) * KK + k) * B + c % B] = wp[c * KK + KK - 1 - k];
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gop = go.data_ptr<scalar_t>();
+    scalar_t* gip = gi.data_ptr<scalar_t>();
+    scalar_t* gwp = gw.data_ptr<scalar_t>();
+    scalar_t* gbp = gb.data_ptr<scalar_t>();
+    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> xb(HW * B), gob(OHW * B), gib(HW * B), gwacc(KK * B), gbacc(B);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t c0 = blk * B;
+        std::fill(gwacc.begin(), gwacc.end(), 0.f);
+        std::fill(gbacc.begin(), gbacc.end(), 0.f);
+        for (int64_t n = 0; n < g.N; ++n) {
+          const int64_t plane0 = n * g.C + c0;
+          planes_to_pixels16(xp + plane0 * HW, HW, xb.data());
+          planes_to_pixels16(gop + plane0 * OHW, OHW, gob.data());
+          for (int64_t ih = 0; ih < g.H; ++ih) {
+            int64_t kh0, kh1;
+            tap_range(ih, 1, gt.PT, 1, g.KH, g.OH, kh0, kh1);
+            row(gt, gob.data() + (ih - gt.PT + kh0) * g.OW * B, wflip.data() + (blk * KK + kh0 * g.KW) * B,
+                kh1 - kh0, g.OW * B, nullptr, gib.data() + ih * g.W * B);
+          }
+          pixels16_to_planes(gib.data(), HW, gip + plane0 * HW);
+          for (int64_t oh = 0; oh < g.OH; ++oh) {
+            int64_t kh0, kh1;
+            tap_range(oh, 1, g.PT, 1, g.KH, g.H, kh0, kh1);
+            for (int64_t ow = 0; ow < g.OW; ++ow) {
+              int64_t kw0, kw1;
+              tap_range(ow, 1, g.PL, 1, g.KW, g.W, kw0, kw1);
+              const float* gr = gob.data() + (oh * g.OW + ow) * B;
+              for (int64_t v = 0; v < B; v += Vec::N)
+                Vec::store(gbacc.data() + v, Vec::load(gbacc.data() + v) + Vec::load(gr + v));
+              for (int64_t kh = kh0; kh < kh1; ++kh)
+                for (int64_t kw = kw0; kw < kw1; ++kw) {
+                  const float* xs = xb.data() + ((oh - g.PT + kh) * g.W + ow - g.PL + kw) * B;
+                  float* a = gwacc.data() + (kh * g.KW + kw) * B;
+                  for (int64_t v = 0; v < B; v += Vec::N)
+                    Vec::store(a + v, Vec::load(a + v) + Vec::load(gr + v) * Vec::load(xs + v));
+                }
+            }
+          }
+        }
+        for (int64_t c = 0; c < B; ++c) {
+          for (int64_t k = 0; k < KK; ++k) gwp[(c0 + c) * KK + k] = static_cast<scalar_t>(gwacc[k * B + c]);
+          gbp[c0 + c] = static_cast<scalar_t>(gbacc[c]);
+        }
+      }
+    });
+    return true;
+  }
+}
+
 // NCHW: parallel over channels (each thread owns its channels' weight/bias gradients, no reduction
 // across threads). For every plane the input's phase buffer gives grad_weight as contiguous dot
 // products, and grad_input is scattered into a second phase buffer (contiguous again), then cropped.
 template <typename scalar_t>
 void backward_nchw(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::Tensor& gi, at::Tensor& gw,
                    at::Tensor& gb, const Conv2dGeom& g) {
+  if (backward_nchw_pixels16<scalar_t>(go, x, w, gi, gw, gb, g)) return;
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor wf = w.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
   const acc_t* wp = wf.data_ptr<acc_t>();
