@@ -173,6 +173,15 @@ inline void tap_range(int64_t o, int64_t S, int64_t P, int64_t D, int64_t K, int
   k1 = std::min(k1, K);
 }
 
+// grad_input as a convolution: of grad_output, padded by k - 1 - padding, with the flipped kernel. Sets gt to
+// that convolution's geometry; true where it holds (stride 1, dilation 1, padding < kernel).
+inline bool grad_input_as_conv(const Conv2dGeom& g, Conv2dGeom& gt) {
+  gt = g;
+  gt.H = g.OH, gt.W = g.OW, gt.OH = g.H, gt.OW = g.W;
+  gt.PT = g.KH - 1 - g.PT, gt.PL = g.KW - 1 - g.PL, gt.PB = g.KH - 1 - g.PB, gt.PR = g.KW - 1 - g.PR;
+  return g.SH == 1 && g.SW == 1 && g.DH == 1 && g.DW == 1 && gt.PT >= 0 && gt.PL >= 0;
+}
+
 // channels_last tiles with the kernel width KW and the stride S known at compile time (dilation 1 along the
 // width): P neighbouring output pixels of one row x one 64-byte group of channels. For each kernel row the
 // KW weight vectors are loaded once and stay in registers, and each of the J = (P-1)*S + KW input pixels
@@ -638,12 +647,9 @@ bool backward_nchw_pixels16(const at::Tensor& go, const at::Tensor& x, const at:
     return false;
   } else {
     constexpr int64_t B = 16, kMaxOW = 32;
-    Conv2dGeom gt = g;  // grad_output -> grad_input, for one block
+    Conv2dGeom gt;  // grad_output -> grad_input, for one block
+    const bool fits = grad_input_as_conv(g, gt) && g.C % B == 0 && g.OW <= kMaxOW;
     gt.C = B;
-    gt.H = g.OH, gt.W = g.OW, gt.OH = g.H, gt.OW = g.W;
-    gt.PT = g.KH - 1 - g.PT, gt.PL = g.KW - 1 - g.PL, gt.PB = g.KH - 1 - g.PB, gt.PR = g.KW - 1 - g.PR;
-    const bool fits = g.SH == 1 && g.SW == 1 && g.DH == 1 && g.DW == 1 && gt.PT >= 0 && gt.PL >= 0 &&
-                      g.C % B == 0 && g.OW <= kMaxOW;
     const slide::RowFn<float, float> row = fits ? slide::row_for<false, float, float>(gt) : nullptr;
     if (!row) return false;
     using Vec = simd::Vec<float>;
@@ -797,15 +803,13 @@ void backward_nhwc(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
   scalar_t* gip = gi.data_ptr<scalar_t>();
   const int64_t C = g.C, KK = g.KH * g.KW;
 
-  // grad_input at stride 1, dilation 1 and padding < kernel: the convolution of grad_output, padded by
-  // k - 1 - padding, with the flipped kernel, through the forward's row tiles (the whole forward + backward
-  // of the stride-1 MobileNetV2 / FastViT layers took 1.1-1.6x less time than with the gather below).
+  // grad_input where it is a convolution (grad_input_as_conv) through the forward's row tiles (the whole
+  // forward + backward of the stride-1 MobileNetV2 / FastViT layers took 1.1-1.6x less time than with the
+  // gather below).
   using Vec = simd::Vec<acc_t>;
-  Conv2dGeom gt = g;
-  gt.H = g.OH, gt.W = g.OW, gt.OH = g.H, gt.OW = g.W;
-  gt.PT = g.KH - 1 - g.PT, gt.PL = g.KW - 1 - g.PL, gt.PB = g.KH - 1 - g.PB, gt.PR = g.KW - 1 - g.PR;
-  const bool flip = g.SH == 1 && g.SW == 1 && g.DH == 1 && g.DW == 1 && gt.PT >= 0 && gt.PL >= 0;
-  const slide::RowFn<scalar_t, acc_t> gi_row = flip ? slide::row_for<false, scalar_t, acc_t>(gt) : nullptr;
+  Conv2dGeom gt;
+  const slide::RowFn<scalar_t, acc_t> gi_row =
+      grad_input_as_conv(g, gt) ? slide::row_for<false, scalar_t, acc_t>(gt) : nullptr;
   if (gi_row) {
     std::vector<acc_t> wflip(KK * C);
     for (int64_t k = 0; k < KK; ++k) std::copy(wp + (KK - 1 - k) * C, wp + (KK - k) * C, wflip.begin() + k * C);
