@@ -807,6 +807,7 @@ void backward_nhwc(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
   // forward + backward of the stride-1 MobileNetV2 / FastViT layers took 1.1-1.6x less time than with the
   // gather below).
   using Vec = simd::Vec<acc_t>;
+  using V = typename Vec::V;
   Conv2dGeom gt;
   const slide::RowFn<scalar_t, acc_t> gi_row =
       grad_input_as_conv(g, gt) ? slide::row_for<false, scalar_t, acc_t>(gt) : nullptr;
@@ -853,30 +854,49 @@ void backward_nhwc(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     acc_t* pw = partial.data() + static_cast<size_t>(chunk) * (KK + 1) * C;
     acc_t* pb = pw + KK * C;
-    std::vector<acc_t> gorow(C);
     for (int64_t row = chunk * rows / nchunks; row < (chunk + 1) * rows / nchunks; ++row) {
       const int64_t n = row / g.OH, oh = row % g.OH;
       int64_t kh0, kh1;
       tap_range(oh, g.SH, g.PT, g.DH, g.KH, g.H, kh0, kh1);
+      const scalar_t* go_row = gop + row * g.OW * C;
       for (int64_t ow = 0; ow < g.OW; ++ow) {
-        int64_t kw0, kw1;
-        tap_range(ow, g.SW, g.PL, g.DW, g.KW, g.W, kw0, kw1);
-        const scalar_t* gs = gop + ((n * g.OH + oh) * g.OW + ow) * C;
-        acc_t* gr = gorow.data();
-        for (int64_t c = 0; c < C; ++c) {
-          gr[c] = static_cast<acc_t>(gs[c]);
-          pb[c] += gr[c];
-        }
-        for (int64_t kh = kh0; kh < kh1; ++kh) {
-          const int64_t ih = oh * g.SH - g.PT + kh * g.DH;
-          for (int64_t kw = kw0; kw < kw1; ++kw) {
-            const int64_t iw = ow * g.SW - g.PL + kw * g.DW;
-            const scalar_t* xs = xp + ((n * g.H + ih) * g.W + iw) * C;
-            acc_t* ws = pw + (kh * g.KW + kw) * C;
-            int64_t c = 0;
-            for (; c + Vec::N <= C; c += Vec::N)
-              Vec::store(ws + c, Vec::load(ws + c) + Vec::load(gr + c) * Vec::load_from(xs + c));
-            for (; c < C; ++c) ws[c] += gr[c] * static_cast<acc_t>(xs[c]);
+        int64_t c = 0;
+        for (; c + Vec::N <= C; c += Vec::N)
+          Vec::store(pb + c, Vec::load(pb + c) + Vec::load_from(go_row + ow * C + c));
+        for (; c < C; ++c) pb[c] += static_cast<acc_t>(go_row[ow * C + c]);
+      }
+      // Each (tap, channel vector) sums its products over the row's outputs in registers (four chains, for
+      // the FMA latency) and adds them to the partial sums once: two loads an FMA, where adding into the
+      // sums pixel by pixel took four memory operations (channels_last forward + backward of the MobileNetV2
+      // / FastViT layers: 1.1-1.7x faster on 13 of 14, one stride-2 layer 0.93x).
+      for (int64_t kh = kh0; kh < kh1; ++kh) {
+        const scalar_t* x_row = xp + (n * g.H + oh * g.SH - g.PT + kh * g.DH) * g.W * C;
+        for (int64_t kw = 0; kw < g.KW; ++kw) {
+          // outputs ow whose tap kw is inside the input: 0 <= ow * SW - PL + kw * DW < W
+          const int64_t left = g.PL - kw * g.DW, right = g.W - 1 + g.PL - kw * g.DW;
+          const int64_t hi = right < 0 ? 0 : std::min(g.OW, right / g.SW + 1);
+          const int64_t lo = std::min(hi, left <= 0 ? int64_t(0) : ceil_div(left, g.SW));
+          const scalar_t* xk = x_row + (kw * g.DW - g.PL) * C;  // the tap's input for output ow: + ow * SW * C
+          const int64_t xs = g.SW * C;
+          acc_t* ws = pw + (kh * g.KW + kw) * C;
+          int64_t c = 0;
+          for (; c + Vec::N <= C; c += Vec::N) {
+            V a0{}, a1{}, a2{}, a3{};
+            int64_t ow = lo;
+            for (; ow + 4 <= hi; ow += 4) {
+              a0 += Vec::load_from(go_row + ow * C + c) * Vec::load_from(xk + ow * xs + c);
+              a1 += Vec::load_from(go_row + (ow + 1) * C + c) * Vec::load_from(xk + (ow + 1) * xs + c);
+              a2 += Vec::load_from(go_row + (ow + 2) * C + c) * Vec::load_from(xk + (ow + 2) * xs + c);
+              a3 += Vec::load_from(go_row + (ow + 3) * C + c) * Vec::load_from(xk + (ow + 3) * xs + c);
+            }
+            for (; ow < hi; ++ow) a0 += Vec::load_from(go_row + ow * C + c) * Vec::load_from(xk + ow * xs + c);
+            Vec::store(ws + c, Vec::load(ws + c) + ((a0 + a1) + (a2 + a3)));
+          }
+          for (; c < C; ++c) {
+            acc_t a = 0;
+            for (int64_t ow = lo; ow < hi; ++ow)
+              a += static_cast<acc_t>(go_row[ow * C + c]) * static_cast<acc_t>(xk[ow * xs + c]);
+            ws[c] += a;
           }
         }
       }
