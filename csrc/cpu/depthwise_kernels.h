@@ -373,6 +373,15 @@ void pixels16_to_planes(const float* src, int64_t n, scalar_t* dst) {
     for (int j = 0; j < 16; ++j) dst[j * n + i] = static_cast<scalar_t>(src[i * 16 + j]);
 }
 
+// Weights (C, kh * kw) -> (C / 16, kh * kw, 16): each block of 16 channels' taps in the row tiles' layout,
+// in reverse tap order with `flip` (grad_input as a convolution).
+inline std::vector<float> weights_c16(const float* wp, int64_t C, int64_t KK, bool flip) {
+  std::vector<float> wb(C * KK);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < KK; ++k) wb[((c / 16) * KK + k) * 16 + c % 16] = wp[c * KK + (flip ? KK - 1 - k : k)];
+  return wb;
+}
+
 // Small planes (MobileNet's 28x28 and below) spend much of their time on per-plane work (the phase copy,
 // rows a few vectors long) rather than FMAs. Those go 16 planes at a time: transposed into pixels of 16
 // channels (fp32), run through the channels_last row tiles with all 16 channels in one tile, and
@@ -396,10 +405,7 @@ bool forward_nchw_pixels16(const scalar_t* xp, const acc_t* wp, const acc_t* bp,
     const slide::RowFn<float, float> row = slide::row_for<false, float, float>(gb);
     if (!row || g.C % B != 0 || g.OW > pixels16_max_ow(g)) return false;
     const int64_t KK = g.KH * g.KW, HW = g.H * g.W, OHW = g.OH * g.OW, nblk = g.C / B;
-    // Weights as (C / 16, kh * kw, 16): each block's taps in the row tiles' layout.
-    std::vector<float> wb(g.C * KK);
-    for (int64_t c = 0; c < g.C; ++c)
-      for (int64_t k = 0; k < KK; ++k) wb[((c / B) * KK + k) * B + c % B] = wp[c * KK + k];
+    const std::vector<float> wb = weights_c16(wp, g.C, KK, false);
     at::parallel_for(0, g.N * nblk, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> xb(HW * B), yb(OHW * B);
       for (int64_t blk = begin; blk < end; ++blk) {
@@ -660,9 +666,7 @@ bool backward_nchw_pixels16(const at::Tensor& go, const at::Tensor& x, const at:
     const int64_t KK = g.KH * g.KW, HW = g.H * g.W, OHW = g.OH * g.OW, nblk = g.C / B;
     const at::Tensor wf = w.contiguous().to(at::kFloat);
     const float* wp = wf.data_ptr<float>();
-    std::vector<float> wflip(g.C * KK);  // (C / 16, kh * kw, 16), taps reversed
-    for (int64_t c = 0; c < g.C; ++c)
-      for (int64_t k = 0; k < KK; ++k) wflip[((c / B) * KK + k) * B + c % B] = wp[c * KK + KK - 1 - k];
+    const std::vector<float> wflip = weights_c16(wp, g.C, KK, true);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gop = go.data_ptr<scalar_t>();
     scalar_t* gip = gi.data_ptr<scalar_t>();
