@@ -25,6 +25,15 @@ def same_device_dtype(op: str, ref_name: str, ref: torch.Tensor, name: str, t: t
 
 
 def pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
+    # Fast path for the usual int / tuple / list of ints (the generic check below, with typing.Sequence, cost
+    # a few microseconds a call, comparable to a small layer's kernel).
+    t = type(v)
+    if t is int:
+        if v >= minimum:
+            return v, v
+    elif (t is tuple or t is list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        if v[0] >= minimum and v[1] >= minimum:
+            return v[0], v[1]
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v)
     if (not isinstance(v, Sequence) or len(v) != 2
