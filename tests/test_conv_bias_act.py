@@ -180,19 +180,21 @@ def test_gpu_backends(backend, dtype, case, layout, training, monkeypatch):
     _check_all(backend, case, dtype, "cuda", training, layout)
 
 
+@pytest.mark.parametrize("k", [3, 7])
 @pytest.mark.parametrize("act, res", [("relu6", False), ("relu", True)])
-def test_cpu_depthwise_nchw_16_channel_blocks(act, res):
-    """NCHW depthwise planes of at most 32 pixels per row with C a multiple of 16 go through 16-channel
-    blocks (transposed, row tiles, transposed back), the epilogue applied to each block's planes after
-    they are written: fp32 forward against conv2d + bias + residual + act, each output element checked."""
+def test_cpu_depthwise_nchw_small_planes(act, res, k):
+    """NCHW depthwise planes of at most 32 pixels per row: 3x3 (AVX-512) straight from the planes a plane at
+    a time; 7x7 with C a multiple of 16 through 16-channel blocks (transposed, row tiles, transposed back).
+    Either way the epilogue is applied to each plane after it is written: fp32 forward against conv2d +
+    bias + residual + act, each output element checked."""
     torch.manual_seed(0)
     x = torch.randn(2, 32, 14, 13)
-    w = torch.randn(32, 1, 3, 3)
+    w = torch.randn(32, 1, k, k)
     b = torch.randn(32)
     r = torch.randn(2, 32, 14, 13) if res else None
     with fastops.use_backend("cpu"):
-        y = fastops.conv_bias_act(x, w, b, 1, 1, 1, 32, act, r)
-    z = F.conv2d(x.double(), w.double(), b.double(), 1, 1, 1, 32) + (r.double() if res else 0)
+        y = fastops.conv_bias_act(x, w, b, 1, k // 2, 1, 32, act, r)
+    z = F.conv2d(x.double(), w.double(), b.double(), 1, k // 2, 1, 32) + (r.double() if res else 0)
     ref = F.relu6(z) if act == "relu6" else F.relu(z)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 

@@ -172,8 +172,10 @@ def test_cpu_nchw_rows_of_every_width(s, k, C, dtype):
     deinterleaved) and column by column past the last whole vector and at other strides; the register tiles
     cover 1 to 8 rows. With C a multiple of 16 (fp16 / fp32, kernel widths with row tiles, outputs up to 32
     wide) 16 planes at a time are transposed to pixels of 16 channels and back instead, 8 pixels at a time
-    and the rest one by one, forward and (stride 1) backward. Every width from 1 to 40 with padding 0 to 2
-    and 1 to 9 output rows, each output element checked, and in fp32 at stride 1 each gradient element."""
+    and the rest one by one, forward and (stride 1) backward. With AVX-512, fp32 3x3 outputs 9 to 32 wide at
+    stride 1 are computed straight from the planes (masked row loads, tiles of 8 rows, the last one
+    overlapping, or row by row below 8 rows). Every width from 1 to 40 with padding 0 to 2 and 1 to 13 output
+    rows, each output element checked, and in fp32 at stride 1 each gradient element."""
     torch.manual_seed(0)
     w = torch.randn(C, 1, k, k).to(dtype)
     b = torch.randn(C).to(dtype)
