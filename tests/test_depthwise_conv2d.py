@@ -137,7 +137,8 @@ def test_cpu_channels_last_row_tiles(k, s, dtype, C, share, monkeypatch):
     mask the padding at the row's ends, and the last tile of a row may overlap the one before: every width
     from 1 to 19 and every padding up to k - 1 (wider than the kernel's half, so both ends are masked), with
     channels in 16-channel groups and left over (C = 35), or whole groups stored around the cache (C = 32,
-    FASTOPS_LLC_SHARE_BYTES=0), each output element checked, and in fp32 each element of grad_input."""
+    FASTOPS_LLC_SHARE_BYTES=0), each output element checked, and in fp32 each element of grad_input and of
+    grad_weight (summed per kernel row with the input window sliding in registers) and grad_bias."""
     if share is not None:
         monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", share)
     torch.manual_seed(0)
@@ -156,11 +157,18 @@ def test_cpu_channels_last_row_tiles(k, s, dtype, C, share, monkeypatch):
             torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"W={W} p={p}: {m}")
             if dtype == torch.float32:
                 # at stride 1 grad_input is the same tiles' convolution of grad_output with the flipped kernel
+                ws, bs = w.clone().requires_grad_(), b.clone().requires_grad_()
+                with fastops.use_backend("cpu"):
+                    y = fastops.depthwise_conv2d(x, ws, bs, s, (1, p))
+                wr, br = w.double().requires_grad_(), b.double().requires_grad_()
+                ref = F.conv2d(xr, wr, br, s, (1, p), groups=C)
                 go = torch.randn_like(y)
                 y.backward(go)
                 ref.backward(go.double())
-                torch.testing.assert_close(x.grad.double(), xr.grad, rtol=tol, atol=tol,
-                                           msg=lambda m: f"grad_input W={W} p={p}: {m}")
+                for name, got, want in (("grad_input", x.grad, xr.grad), ("grad_weight", ws.grad, wr.grad),
+                                        ("grad_bias", bs.grad, br.grad)):
+                    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol,
+                                               msg=lambda m: f"{name} W={W} p={p}: {m}")
 
 
 @pytest.mark.parametrize("s", [1, 2, 3])

@@ -743,10 +743,85 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
 // ---------------------------------------------------------------------------------------------------
 // Backward.
 
+// channels_last grad_weight of one kernel row, for the kernel widths and strides the row tiles have: for
+// every tap kw of the row, sum over the row's outputs ow of grad_output[ow] * x[ow * S - PL + kw], one
+// 64-byte group of channels, added to ws[kw * C]. The KW input pixels of an output's window stay in
+// registers and slide by S pixels from one output to the next, so an output costs one grad_output load and
+// S input loads for KW FMAs (summing each tap separately took two loads an FMA). Input pixels outside the
+// row are zeros. Two sets of accumulators (even / odd outputs) give the FMAs 2 * KW independent chains.
+template <int KW, int S, typename scalar_t>
+__attribute__((always_inline)) inline void grad_weight_group(const scalar_t* go_row, const scalar_t* x_row, int64_t C,
+                                                             int64_t OW, int64_t W, int64_t PL, float* ws) {
+  using Vw = slide::W<float>;
+  using V = typename Vw::V;
+  constexpr int NV = slide::kNV;
+  V acc[2][KW][NV], xw[KW][NV];
+  for (int e = 0; e < 2; ++e)
+    for (int k = 0; k < KW; ++k)
+      for (int v = 0; v < NV; ++v) acc[e][k][v] = V{};
+  auto load_px = [&](int64_t iw, V* out) {
+    for (int v = 0; v < NV; ++v) out[v] = iw >= 0 && iw < W ? Vw::load_from(x_row + iw * C + v * Vw::N) : V{};
+  };
+  auto step = [&](int64_t ow, auto e) {
+    if (ow > 0) {  // slide the window by S pixels
+      for (int k = 0; k + S < KW; ++k)
+        for (int v = 0; v < NV; ++v) xw[k][v] = xw[k + S][v];
+      for (int k = std::max(0, KW - S); k < KW; ++k) load_px(ow * S - PL + k, xw[k]);
+    }
+    for (int v = 0; v < NV; ++v) {
+      const V gv = Vw::load_from(go_row + ow * C + v * Vw::N);
+      for (int k = 0; k < KW; ++k) acc[decltype(e)::value][k][v] += gv * xw[k][v];
+    }
+  };
+  for (int k = 0; k < KW; ++k) load_px(k - PL, xw[k]);
+  int64_t ow = 0;
+  for (; ow + 2 <= OW; ow += 2) {
+    step(ow, std::integral_constant<int, 0>{});
+    step(ow + 1, std::integral_constant<int, 1>{});
+  }
+  if (ow < OW) step(ow, std::integral_constant<int, 0>{});
+  for (int k = 0; k < KW; ++k)
+    for (int v = 0; v < NV; ++v) {
+      float* d = ws + k * C + v * Vw::N;
+      Vw::store(d, Vw::load(d) + (acc[0][k][v] + acc[1][k][v]));
+    }
+}
+
+template <typename scalar_t>
+using GradWeightFn = void (*)(const scalar_t*, const scalar_t*, int64_t, int64_t, int64_t, int64_t, float*);
+
+template <int KW, int S, typename scalar_t>
+void grad_weight_groups(const scalar_t* go_row, const scalar_t* x_row, int64_t C, int64_t OW, int64_t W, int64_t PL,
+                        float* ws) {
+  for (int64_t c = 0; c + slide::kGroup<float> <= C; c += slide::kGroup<float>)
+    grad_weight_group<KW, S>(go_row + c, x_row + c, C, OW, W, PL, ws + c);
+}
+
+// grad_weight_groups for the row tiles' (KW, S) pairs with dilation 1 along the width, fp32 sums; null
+// otherwise.
+template <typename scalar_t, typename acc_t>
+GradWeightFn<scalar_t> grad_weight_for(const Conv2dGeom& g) {
+  if constexpr (!std::is_same_v<acc_t, float>) {
+    return nullptr;
+  } else {
+    if (g.DW != 1) return nullptr;
+    if (g.SW == 1) {
+      if (g.KW == 3) return &grad_weight_groups<3, 1, scalar_t>;
+      if (g.KW == 5) return &grad_weight_groups<5, 1, scalar_t>;
+      if (g.KW == 7) return &grad_weight_groups<7, 1, scalar_t>;
+    } else if (g.SW == 2) {
+      if (g.KW == 3) return &grad_weight_groups<3, 2, scalar_t>;
+      if (g.KW == 5) return &grad_weight_groups<5, 2, scalar_t>;
+    }
+    return nullptr;
+  }
+}
+
 // NCHW backward of small planes at stride 1 (the planes forward_nchw_pixels16 takes), 16 channels at a
 // time: per sample, x and grad_output are transposed to pixels of 16 channels; grad_input is the row tiles'
 // convolution of grad_output, padded by k - 1 - padding, with the flipped kernel, transposed back; the
-// weight and bias gradients are sums over the pixels in 16-lane vectors. Parallel over the blocks, so that
+// weight gradients are grad_weight_groups' sums (one 16-channel group), the bias gradient a sum over the
+// pixels in vectors. Parallel over the blocks, so that
 // each thread owns its channels' weight and bias gradients. Returns false (nothing done) where it does not
 // apply.
 template <typename scalar_t>
@@ -761,7 +836,8 @@ bool backward_nchw_pixels16(const at::Tensor& go, const at::Tensor& x, const at:
     const bool fits = grad_input_as_conv(g, gt) && g.C % B == 0 && g.OW <= pixels16_max_ow(g);
     gt.C = B;
     const slide::RowFn<float, float> row = fits ? slide::row_for<false, float, float>(gt) : nullptr;
-    if (!row) return false;
+    const GradWeightFn<float> gw_row = grad_weight_for<float, float>(g);
+    if (!row || !gw_row) return false;
     using Vec = simd::Vec<float>;
     const int64_t KK = g.KH * g.KW, HW = g.H * g.W, OHW = g.OH * g.OW, nblk = g.C / B;
     const at::Tensor wf = w.contiguous().to(at::kFloat);
@@ -792,20 +868,12 @@ bool backward_nchw_pixels16(const at::Tensor& go, const at::Tensor& x, const at:
           for (int64_t oh = 0; oh < g.OH; ++oh) {
             int64_t kh0, kh1;
             tap_range(oh, 1, g.PT, 1, g.KH, g.H, kh0, kh1);
-            for (int64_t ow = 0; ow < g.OW; ++ow) {
-              int64_t kw0, kw1;
-              tap_range(ow, 1, g.PL, 1, g.KW, g.W, kw0, kw1);
-              const float* gr = gob.data() + (oh * g.OW + ow) * B;
+            const float* gr = gob.data() + oh * g.OW * B;
+            for (int64_t ow = 0; ow < g.OW; ++ow)
               for (int64_t v = 0; v < B; v += Vec::N)
-                Vec::store(gbacc.data() + v, Vec::load(gbacc.data() + v) + Vec::load(gr + v));
-              for (int64_t kh = kh0; kh < kh1; ++kh)
-                for (int64_t kw = kw0; kw < kw1; ++kw) {
-                  const float* xs = xb.data() + ((oh - g.PT + kh) * g.W + ow - g.PL + kw) * B;
-                  float* a = gwacc.data() + (kh * g.KW + kw) * B;
-                  for (int64_t v = 0; v < B; v += Vec::N)
-                    Vec::store(a + v, Vec::load(a + v) + Vec::load(gr + v) * Vec::load(xs + v));
-                }
-            }
+                Vec::store(gbacc.data() + v, Vec::load(gbacc.data() + v) + Vec::load(gr + ow * B + v));
+            for (int64_t kh = kh0; kh < kh1; ++kh)
+              gw_row(gr, xb.data() + (oh - g.PT + kh) * g.W * B, B, g.OW, g.W, g.PL, gwacc.data() + kh * g.KW * B);
           }
         }
         for (int64_t c = 0; c < B; ++c) {
@@ -957,6 +1025,7 @@ void backward_nhwc(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
   // the result does not depend on which thread ran what), then one reduction.
   const int64_t rows = g.N * g.OH;
   const int64_t nchunks = std::min<int64_t>(rows, at::get_num_threads());
+  const GradWeightFn<scalar_t> gw_row = grad_weight_for<scalar_t, acc_t>(g);
   std::vector<acc_t> partial(static_cast<size_t>(nchunks) * (KK + 1) * C, acc_t(0));
   at::parallel_for(0, nchunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -973,12 +1042,20 @@ void backward_nhwc(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
           Vec::store(pb + c, Vec::load(pb + c) + Vec::load_from(go_row + ow * C + c));
         for (; c < C; ++c) pb[c] += static_cast<acc_t>(go_row[ow * C + c]);
       }
-      // Each (tap, channel vector) sums its products over the row's outputs in registers (four chains, for
-      // the FMA latency) and adds them to the partial sums once: two loads an FMA, where adding into the
-      // sums pixel by pixel took four memory operations (channels_last forward + backward of the MobileNetV2
-      // / FastViT layers: 1.1-1.7x faster on 13 of 14, one stride-2 layer 0.93x).
+      // The row tiles' kernels go through grad_weight_groups for whole 64-byte groups of channels (channels_last
+      // forward + backward of the MobileNetV2 / FastViT / ConvNeXt layers: geomean 1.57 -> 1.91x eager, up to
+      // 1.7x less time). The other channels and kernels: each (tap, channel vector) sums its products over the
+      // row's outputs in registers (four chains, for the FMA latency) and adds them to the partial sums once,
+      // two loads an FMA.
       for (int64_t kh = kh0; kh < kh1; ++kh) {
         const scalar_t* x_row = xp + (n * g.H + oh * g.SH - g.PT + kh * g.DH) * g.W * C;
+        int64_t c_done = 0;  // channels whose sums gw_row took
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (gw_row) {
+            gw_row(go_row, x_row, C, g.OW, g.W, g.PL, pw + kh * g.KW * C);
+            c_done = C / slide::kGroup<float> * slide::kGroup<float>;
+          }
+        }
         for (int64_t kw = 0; kw < g.KW; ++kw) {
           // outputs ow whose tap kw is inside the input: 0 <= ow * SW - PL + kw * DW < W
           const int64_t left = g.PL - kw * g.DW, right = g.W - 1 + g.PL - kw * g.DW;
@@ -987,7 +1064,7 @@ void backward_nhwc(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
           const scalar_t* xk = x_row + (kw * g.DW - g.PL) * C;  // the tap's input for output ow: + ow * SW * C
           const int64_t xs = g.SW * C;
           acc_t* ws = pw + (kh * g.KW + kw) * C;
-          int64_t c = 0;
+          int64_t c = c_done;
           for (; c + Vec::N <= C; c += Vec::N) {
             V a0{}, a1{}, a2{}, a3{};
             int64_t ow = lo;
