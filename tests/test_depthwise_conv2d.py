@@ -156,7 +156,8 @@ def test_cpu_channels_last_row_tiles(k, s, dtype, C, share, monkeypatch):
             tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
             torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"W={W} p={p}: {m}")
             if dtype == torch.float32:
-                # at stride 1 grad_input is the same tiles' convolution of grad_output with the flipped kernel
+                # grad_input: at stride 1 the same tiles' convolution of grad_output with the flipped kernel, at
+                # stride 2 two column phases of stride-1 tiles written to every other pixel
                 ws, bs = w.clone().requires_grad_(), b.clone().requires_grad_()
                 with fastops.use_backend("cpu"):
                     y = fastops.depthwise_conv2d(x, ws, bs, s, (1, p))
@@ -180,10 +181,10 @@ def test_cpu_nchw_rows_of_every_width(s, k, C, dtype):
     deinterleaved) and column by column past the last whole vector and at other strides; the register tiles
     cover 1 to 8 rows. With C a multiple of 16 (fp16 / fp32, kernel widths with row tiles, outputs up to 32
     wide) 16 planes at a time are transposed to pixels of 16 channels and back instead, 8 pixels at a time
-    and the rest one by one, forward and (stride 1) backward. With AVX-512, fp32 3x3 outputs 9 to 32 wide at
+    and the rest one by one, forward and (strides 1 and 2) backward. With AVX-512, fp32 3x3 outputs 9 to 32 wide at
     stride 1 are computed straight from the planes (masked row loads, tiles of 8 rows, the last one
     overlapping, or row by row below 8 rows). Every width from 1 to 40 with padding 0 to 2 and 1 to 13 output
-    rows, each output element checked, and in fp32 at stride 1 each gradient element."""
+    rows, each output element checked, and in fp32 at strides 1 and 2 each gradient element."""
     torch.manual_seed(0)
     w = torch.randn(C, 1, k, k).to(dtype)
     b = torch.randn(C).to(dtype)
@@ -192,7 +193,7 @@ def test_cpu_nchw_rows_of_every_width(s, k, C, dtype):
             H = 1 + (W % 9) * s
             if W + 2 * p < k or H + 2 * p < k:
                 continue
-            grads = dtype == torch.float32 and s == 1
+            grads = dtype == torch.float32 and s <= 2
             x = torch.randn(2, C, H, W).to(dtype).requires_grad_(grads)
             ws, bs = w.clone().requires_grad_(grads), b.clone().requires_grad_(grads)
             with fastops.use_backend("cpu"):
