@@ -1082,18 +1082,20 @@ void backward_nhwc(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
   Conv2dGeom gt;
   const slide::RowFn<scalar_t, acc_t> gi_row =
       grad_input_as_conv(g, gt) ? slide::row_for<false, scalar_t, acc_t>(gt) : nullptr;
+  std::vector<acc_t> wflip;
   if (gi_row) {
-    std::vector<acc_t> wflip(KK * C);
+    wflip.resize(KK * C);
     for (int64_t k = 0; k < KK; ++k) std::copy(wp + (KK - 1 - k) * C, wp + (KK - k) * C, wflip.begin() + k * C);
-    at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t n = r / g.H, ih = r % g.H;
-        int64_t kh0, kh1;
-        tap_range(ih, 1, gt.PT, 1, g.KH, g.OH, kh0, kh1);
-        gi_row(gt, gop + (n * g.OH + ih - gt.PT + kh0) * g.OW * C, wflip.data() + kh0 * g.KW * C, kh1 - kh0,
-               g.OW * C, nullptr, gip + r * g.W * C);
-      }
-    });
+  }
+  auto input_row_conv = [&](int64_t r) {  // grad_input row r = n * H + ih, through gi_row
+    const int64_t n = r / g.H, ih = r % g.H;
+    int64_t kh0, kh1;
+    tap_range(ih, 1, gt.PT, 1, g.KH, g.OH, kh0, kh1);
+    gi_row(gt, gop + (n * g.OH + ih - gt.PT + kh0) * g.OW * C, wflip.data() + kh0 * g.KW * C, kh1 - kh0, g.OW * C,
+           nullptr, gip + r * g.W * C);
+  };
+  if (gi_row) {
+    // with the weight gradient below, in one pass
   } else if (stride2_grad_input_nhwc<scalar_t, acc_t>(gop, wp, g, gip)) {
   } else {
     // Otherwise a gather over the outputs each input pixel fed (no write conflicts). Which taps reach an
@@ -1119,70 +1121,78 @@ void backward_nhwc(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
 
   // grad_weight, grad_bias: partial sums over fixed chunks of output rows (one buffer per chunk, so
   // the result does not depend on which thread ran what), then one reduction.
-  const int64_t rows = g.N * g.OH;
-  const int64_t nchunks = std::min<int64_t>(rows, at::get_num_threads());
   const GradWeightFn<scalar_t> gw_row = grad_weight_for<scalar_t, acc_t>(g);
-  std::vector<acc_t> partial(static_cast<size_t>(nchunks) * (KK + 1) * C, acc_t(0));
-  at::parallel_for(0, nchunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-    acc_t* pw = partial.data() + static_cast<size_t>(chunk) * (KK + 1) * C;
+  auto weight_row = [&](int64_t row, acc_t* pw) {  // grad_output row n * OH + oh into the partial sums pw
     acc_t* pb = pw + KK * C;
-    for (int64_t row = chunk * rows / nchunks; row < (chunk + 1) * rows / nchunks; ++row) {
-      const int64_t n = row / g.OH, oh = row % g.OH;
-      int64_t kh0, kh1;
-      tap_range(oh, g.SH, g.PT, g.DH, g.KH, g.H, kh0, kh1);
-      const scalar_t* go_row = gop + row * g.OW * C;
-      for (int64_t ow = 0; ow < g.OW; ++ow) {
-        int64_t c = 0;
-        for (; c + Vec::N <= C; c += Vec::N)
-          Vec::store(pb + c, Vec::load(pb + c) + Vec::load_from(go_row + ow * C + c));
-        for (; c < C; ++c) pb[c] += static_cast<acc_t>(go_row[ow * C + c]);
-      }
-      // The row tiles' kernels go through grad_weight_groups for whole 64-byte groups of channels (channels_last
-      // forward + backward of the MobileNetV2 / FastViT / ConvNeXt layers: geomean 1.57 -> 1.91x eager, up to
-      // 1.7x less time). The other channels and kernels: each (tap, channel vector) sums its products over the
-      // row's outputs in registers (four chains, for the FMA latency) and adds them to the partial sums once,
-      // two loads an FMA.
-      for (int64_t kh = kh0; kh < kh1; ++kh) {
-        const scalar_t* x_row = xp + (n * g.H + oh * g.SH - g.PT + kh * g.DH) * g.W * C;
-        int64_t c_done = 0;  // channels whose sums gw_row took
-        if constexpr (std::is_same_v<acc_t, float>) {
-          if (gw_row) {
-            gw_row(go_row, x_row, C, g.OW, g.W, g.PL, pw + kh * g.KW * C);
-            c_done = C / slide::kGroup<float> * slide::kGroup<float>;
-          }
+    const int64_t n = row / g.OH, oh = row % g.OH;
+    int64_t kh0, kh1;
+    tap_range(oh, g.SH, g.PT, g.DH, g.KH, g.H, kh0, kh1);
+    const scalar_t* go_row = gop + row * g.OW * C;
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      int64_t c = 0;
+      for (; c + Vec::N <= C; c += Vec::N)
+        Vec::store(pb + c, Vec::load(pb + c) + Vec::load_from(go_row + ow * C + c));
+      for (; c < C; ++c) pb[c] += static_cast<acc_t>(go_row[ow * C + c]);
+    }
+    // The row tiles' kernels go through grad_weight_groups for whole 64-byte groups of channels (channels_last
+    // forward + backward of the MobileNetV2 / FastViT / ConvNeXt layers: geomean 1.57 -> 1.91x eager, up to
+    // 1.7x less time). The other channels and kernels: each (tap, channel vector) sums its products over the
+    // row's outputs in registers (four chains, for the FMA latency) and adds them to the partial sums once,
+    // two loads an FMA.
+    for (int64_t kh = kh0; kh < kh1; ++kh) {
+      const scalar_t* x_row = xp + (n * g.H + oh * g.SH - g.PT + kh * g.DH) * g.W * C;
+      int64_t c_done = 0;  // channels whose sums gw_row took
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (gw_row) {
+          gw_row(go_row, x_row, C, g.OW, g.W, g.PL, pw + kh * g.KW * C);
+          c_done = C / slide::kGroup<float> * slide::kGroup<float>;
         }
-        for (int64_t kw = 0; kw < g.KW; ++kw) {
-          // outputs ow whose tap kw is inside the input: 0 <= ow * SW - PL + kw * DW < W
-          const int64_t left = g.PL - kw * g.DW, right = g.W - 1 + g.PL - kw * g.DW;
-          const int64_t hi = right < 0 ? 0 : std::min(g.OW, right / g.SW + 1);
-          const int64_t lo = std::min(hi, left <= 0 ? int64_t(0) : ceil_div(left, g.SW));
-          const scalar_t* xk = x_row + (kw * g.DW - g.PL) * C;  // the tap's input for output ow: + ow * SW * C
-          const int64_t xs = g.SW * C;
-          acc_t* ws = pw + (kh * g.KW + kw) * C;
-          int64_t c = c_done;
-          for (; c + Vec::N <= C; c += Vec::N) {
-            V a0{}, a1{}, a2{}, a3{};
-            int64_t ow = lo;
-            for (; ow + 4 <= hi; ow += 4) {
-              a0 += Vec::load_from(go_row + ow * C + c) * Vec::load_from(xk + ow * xs + c);
-              a1 += Vec::load_from(go_row + (ow + 1) * C + c) * Vec::load_from(xk + (ow + 1) * xs + c);
-              a2 += Vec::load_from(go_row + (ow + 2) * C + c) * Vec::load_from(xk + (ow + 2) * xs + c);
-              a3 += Vec::load_from(go_row + (ow + 3) * C + c) * Vec::load_from(xk + (ow + 3) * xs + c);
-            }
-            for (; ow < hi; ++ow) a0 += Vec::load_from(go_row + ow * C + c) * Vec::load_from(xk + ow * xs + c);
-            Vec::store(ws + c, Vec::load(ws + c) + ((a0 + a1) + (a2 + a3)));
+      }
+      for (int64_t kw = 0; kw < g.KW; ++kw) {
+        // outputs ow whose tap kw is inside the input: 0 <= ow * SW - PL + kw * DW < W
+        const int64_t left = g.PL - kw * g.DW, right = g.W - 1 + g.PL - kw * g.DW;
+        const int64_t hi = right < 0 ? 0 : std::min(g.OW, right / g.SW + 1);
+        const int64_t lo = std::min(hi, left <= 0 ? int64_t(0) : ceil_div(left, g.SW));
+        const scalar_t* xk = x_row + (kw * g.DW - g.PL) * C;  // the tap's input for output ow: + ow * SW * C
+        const int64_t xs = g.SW * C;
+        acc_t* ws = pw + (kh * g.KW + kw) * C;
+        int64_t c = c_done;
+        for (; c + Vec::N <= C; c += Vec::N) {
+          V a0{}, a1{}, a2{}, a3{};
+          int64_t ow = lo;
+          for (; ow + 4 <= hi; ow += 4) {
+            a0 += Vec::load_from(go_row + ow * C + c) * Vec::load_from(xk + ow * xs + c);
+            a1 += Vec::load_from(go_row + (ow + 1) * C + c) * Vec::load_from(xk + (ow + 1) * xs + c);
+            a2 += Vec::load_from(go_row + (ow + 2) * C + c) * Vec::load_from(xk + (ow + 2) * xs + c);
+            a3 += Vec::load_from(go_row + (ow + 3) * C + c) * Vec::load_from(xk + (ow + 3) * xs + c);
           }
-          for (; c < C; ++c) {
-            acc_t a = 0;
-            for (int64_t ow = lo; ow < hi; ++ow)
-              a += static_cast<acc_t>(go_row[ow * C + c]) * static_cast<acc_t>(xk[ow * xs + c]);
-            ws[c] += a;
-          }
+          for (; ow < hi; ++ow) a0 += Vec::load_from(go_row + ow * C + c) * Vec::load_from(xk + ow * xs + c);
+          Vec::store(ws + c, Vec::load(ws + c) + ((a0 + a1) + (a2 + a3)));
+        }
+        for (; c < C; ++c) {
+          acc_t a = 0;
+          for (int64_t ow = lo; ow < hi; ++ow)
+            a += static_cast<acc_t>(go_row[ow * C + c]) * static_cast<acc_t>(xk[ow * xs + c]);
+          ws[c] += a;
         }
       }
     }
-   }
+  };
+  // At stride 1 each thread's chunk of rows does both: grad_input row r and grad_output row r's weight sums
+  // read the same few grad_output rows, which are then read from memory once, not twice.
+  const int64_t R = gi_row ? std::max(g.H, g.OH) : g.OH;  // rows per sample in the chunked loop
+  const int64_t rows = g.N * R;
+  const int64_t nchunks = std::min<int64_t>(rows, at::get_num_threads());
+  std::vector<acc_t> partial(static_cast<size_t>(nchunks) * (KK + 1) * C, acc_t(0));
+  at::parallel_for(0, nchunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      acc_t* pw = partial.data() + static_cast<size_t>(chunk) * (KK + 1) * C;
+      for (int64_t t = chunk * rows / nchunks; t < (chunk + 1) * rows / nchunks; ++t) {
+        const int64_t n = t / R, r = t % R;
+        if (gi_row && r < g.H) input_row_conv(n * g.H + r);
+        if (r < g.OH) weight_row(n * g.OH + r, pw);
+      }
+    }
   });
   std::vector<acc_t> total((KK + 1) * C, acc_t(0));
   for (int64_t t = 0; t < nchunks; ++t) {
