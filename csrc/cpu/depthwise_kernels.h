@@ -883,11 +883,10 @@ GradWeightFn<scalar_t> grad_weight_for(const Conv2dGeom& g) {
 // NCHW backward of small planes (the planes forward_nchw_pixels16 takes, at stride 1, or at stride 2 up to 32
 // wide), 16 channels at a time: per sample, x and grad_output are transposed to pixels of 16 channels;
 // grad_input is the row tiles' convolution of grad_output, padded by k - 1 - padding, with the flipped kernel
-// (stride 1) or Stride2GradInput's two phases per row (stride 2), transposed back; the
-// weight gradients are grad_weight_groups' sums (one 16-channel group), the bias gradient a sum over the
-// pixels in vectors. Parallel over the blocks, so that
-// each thread owns its channels' weight and bias gradients. Returns false (nothing done) where it does not
-// apply.
+// (stride 1) or Stride2GradInput's two phases per row (stride 2), transposed back; the weight gradients are
+// grad_weight_groups' sums (one 16-channel group), the bias gradient a sum over the pixels in vectors.
+// Parallel over the blocks, so that each thread owns its channels' weight and bias gradients. Returns false
+// (nothing done) where it does not apply.
 template <typename scalar_t>
 bool backward_nchw_pixels16(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::Tensor& gi,
                             at::Tensor& gw, at::Tensor& gb, const Conv2dGeom& g) {
