@@ -201,12 +201,8 @@ struct VExp2<float> {
     const V magic = S::splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
     const V t = x + magic;
     const V r = x - (t - magic);
-    V p = S::splat(1.3264811e-3f);
-    p = p * r + S::splat(9.6715129e-3f);
-    p = p * r + S::splat(5.5507335e-2f);
-    p = p * r + S::splat(2.4022242e-1f);
-    p = p * r + S::splat(6.9314698e-1f);
-    p = p * r + S::splat(1.0f);
+    static constexpr float kP[] = {1.0f, 6.9314698e-1f, 2.4022242e-1f, 5.5507335e-2f, 9.6715129e-3f, 1.3264811e-3f};
+    const V p = simd::horner(r, kP);
     const VI e = (__builtin_bit_cast(VI, t) - 0x4B400000 + 127) << 23;
     const V y = p * __builtin_bit_cast(V, e);
     return under ? S::splat(0.0f) : y;

@@ -104,6 +104,15 @@ inline void add_widened(Vec<double>::V& lo, Vec<double>::V& hi, typename Vec<T>:
   }
 }
 
+// c[K-1] x^(K-1) + ... + c[1] x + c[0] on whole vectors, by Horner's rule (coefficients from the constant
+// term up), for the polynomial approximations below and in attn_kernels.h.
+template <typename V, std::size_t K>
+inline V horner(V x, const float (&c)[K]) {
+  V p = V{} + c[K - 1];
+  for (std::size_t i = K - 1; i-- > 0;) p = p * x + c[i];
+  return p;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // exp on a whole vector. fp32: Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial
 // (about 1 ulp), 2^n built in the exponent bits; inputs below the smallest normal's log give exactly 0 (the
@@ -136,13 +145,9 @@ struct VExp<float> {
     const VI n = __builtin_bit_cast(VI, t) - 0x4B400000;
     V r = x - fx * S::splat(0.693359375f);
     r = r - fx * S::splat(-2.12194440e-4f);
-    V p = S::splat(1.9875691500e-4f);
-    p = p * r + S::splat(1.3981999507e-3f);
-    p = p * r + S::splat(8.3334519073e-3f);
-    p = p * r + S::splat(4.1665795894e-2f);
-    p = p * r + S::splat(1.6666665459e-1f);
-    p = p * r + S::splat(5.0000001201e-1f);
-    p = p * (r * r) + r + S::splat(1.0f);
+    static constexpr float kP[] = {5.0000001201e-1f, 1.6666665459e-1f, 4.1665795894e-2f,
+                                   8.3334519073e-3f, 1.3981999507e-3f, 1.9875691500e-4f};
+    const V p = horner(r, kP) * (r * r) + r + S::splat(1.0f);
     const VI e = (n + 127) << 23;
     const V y = p * __builtin_bit_cast(V, e);
     return under ? S::splat(0.0f) : y;
@@ -173,19 +178,11 @@ struct VGelu<float> {
     const V x = z * S::splat(0.70710678118654752f), lim = S::splat(3.95f);
     const V xc = x < -lim ? -lim : (x > lim ? lim : x);
     const V x2 = xc * xc;
-    V p = S::splat(2.066461965e-06f);
-    p = p * x2 + S::splat(2.863207905e-04f);
-    p = p * x2 + S::splat(3.771276718e-03f);
-    p = p * x2 + S::splat(5.276410991e-02f);
-    p = p * x2 + S::splat(1.903619066e-01f);
-    p = p * x2 + S::splat(1.128379066e+00f);
-    V q = S::splat(3.833924472e-05f);
-    q = q * x2 + S::splat(1.166500968e-03f);
-    q = q * x2 + S::splat(1.497703761e-02f);
-    q = q * x2 + S::splat(1.141109198e-01f);
-    q = q * x2 + S::splat(5.020359782e-01f);
-    q = q * x2 + S::splat(1.0f);
-    V erf = xc * p / q;
+    static constexpr float kP[] = {1.128379066e+00f, 1.903619066e-01f, 5.276410991e-02f,
+                                   3.771276718e-03f, 2.863207905e-04f, 2.066461965e-06f};
+    static constexpr float kQ[] = {1.0f, 5.020359782e-01f, 1.141109198e-01f,
+                                   1.497703761e-02f, 1.166500968e-03f, 3.833924472e-05f};
+    V erf = xc * horner(x2, kP) / horner(x2, kQ);
     erf = x < -lim ? S::splat(-1.f) : (x > lim ? S::splat(1.f) : erf);
     return S::splat(0.5f) * z * (S::splat(1.f) + erf);
   }
