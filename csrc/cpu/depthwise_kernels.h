@@ -604,6 +604,9 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
   const acc_t* bp = b ? bf.data_ptr<acc_t>() : nullptr;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
+  if (forward_nchw_rows(xp, wp, bp, yp, g, post) || forward_nchw_pixels16(xp, wp, bp, yp, g, post)) return;
+
+  // The plane loops: a phase-split copy of each plane and register tiles.
   const PhasePlane pp(g);
   const int64_t KK = g.KH * g.KW;
   const std::vector<int64_t> taps = pp.tap_offsets(g);
@@ -621,8 +624,6 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
   auto run = KK == 9                 ? pick(std::integral_constant<int, 9>{})
            : KK == 49 && g.SW == 1   ? pick(std::integral_constant<int, 49>{})
                                      : pick(std::integral_constant<int, 0>{});
-
-  if (forward_nchw_rows(xp, wp, bp, yp, g, post) || forward_nchw_pixels16(xp, wp, bp, yp, g, post)) return;
 
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
     // Padding cells are never written, so zeroing once per chunk keeps them zero for every plane.
