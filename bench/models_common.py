@@ -204,12 +204,13 @@ class FastopsModel(Provider):
 
 
 def best_timm_summary(results, models: Sequence[str], title: str, accept: Mapping[str, float],
-                      layouts: Sequence[str], width: int = 12) -> List[str]:
+                      layouts: Sequence[str], width: int = 12, batch: Optional[int] = None) -> List[str]:
     """The summary lines of a model file: per layout, each provider's eval-forward time for each of `models`,
     every fastops provider's speed against the better of timm eager / timm compiled, and a PASS / FAIL line
     per model in `accept` ({name: bar}). Other model files share the op name "model" (and may time the same
-    model): only the given models' ``fwd`` results count."""
-    mine = [r for r in results if r.op == OP and r.meta.get("model") in models and r.mode == "fwd"]
+    model): only the given models' ``fwd`` results count, and only those at `batch` when it is given."""
+    mine = [r for r in results if r.op == OP and r.meta.get("model") in models and r.mode == "fwd"
+            and (batch is None or r.meta.get("batch") == batch)]
     if not mine:
         return []
     t = {(r.meta["model"], r.layout, r.provider): r.time_s for r in mine}

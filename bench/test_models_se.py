@@ -100,8 +100,9 @@ def test_models_se_ratio_interleaved(benchmark, roofline_session, backend, layou
 
 @add_summary
 def _summary(results, machine):
-    # Other model files share the op name "model": only this file's models and mode count here.
-    mine = [r for r in results if r.op == OP and r.meta.get("model") in MODELS and r.mode == "fwd"]
+    # Other model files share the op name "model": only this file's models, batch and mode count here.
+    mine = [r for r in results if r.op == OP and r.meta.get("model") in MODELS and r.mode == "fwd"
+            and r.meta.get("batch") == BATCH]
     if not mine and not PAIRS:
         return []
     t = {(r.meta["model"], r.layout, r.provider): r.time_s for r in mine}

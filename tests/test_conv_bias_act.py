@@ -318,6 +318,62 @@ def test_autocast_cpu_bf16():
     assert_close(y, ref, torch.bfloat16)
 
 
+def _reorders(fn):
+    """fn's result and how many times it had oneDNN reorder a convolution weight."""
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, [e.name for e in prof.events()].count("mkldnn::_reorder_convolution_weight")
+
+
+def test_cpu_packed_weights_are_reused_and_follow_every_change():
+    """channels_last fp32 on the CPU: a weight that needs no grad is packed for oneDNN once and reused; an
+    in-place change, another input size, other conv arguments or another tensor are never served stale."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 16, 9, 11).to(memory_format=torch.channels_last)
+    w = torch.randn(24, 16, 3, 3) / 12
+    b = torch.randn(24)
+    skip_unless_runnable(OP, "cpu", x, w, 1)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch has no oneDNN here")
+
+    def run(x=x, w=w, **kw):
+        kw = {"padding": 1, **kw}
+        y = fastops.conv_bias_act(x, w, b, act="relu", **kw)
+        assert_close(y, F.relu(F.conv2d(x.double(), w.double(), b.double(), **kw)), torch.float32)
+        return y
+
+    with torch.no_grad(), fastops.use_backend("cpu"):
+        _, first = _reorders(run)
+        _, again = _reorders(run)
+        if first == 0:
+            pytest.skip("this torch's oneDNN path takes no packed weights")
+        assert again == 0
+        w.mul_(-1.5)  # in place: the version counter moves
+        assert _reorders(run)[1] == 1
+        assert _reorders(lambda: run(x=torch.cat([x, x, x]).contiguous(memory_format=torch.channels_last)))[1] == 1
+        run(stride=2)
+        run(dilation=2, padding=2)
+        run(w=torch.randn(24, 16, 3, 3) / 12)
+        for _ in range(3):  # more weights than the cache holds, each used twice
+            ws = [torch.randn(24, 16, 1, 1) / 4 for _ in range(300)]
+            for wi in ws + ws:
+                run(w=wi, padding=0)
+        run()
+    with torch.inference_mode(), fastops.use_backend("cpu"):
+        run()
+        w.add_(0.25)
+        run()
+    m = fastops.nn.ConvBNAct(16, 24, 3, act="relu").eval()
+    conv, bn = torch.nn.Conv2d(16, 24, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(24).eval()
+    conv.load_state_dict(m.conv.state_dict())
+    bn.load_state_dict(m.bn.state_dict())
+    for mode in (torch.no_grad, torch.inference_mode):  # the module's folded weight is packed once
+        with mode(), fastops.use_backend("cpu"):
+            m.conv.weight.mul_(2), conv.weight.mul_(2)
+            assert _reorders(lambda: assert_close(m(x), F.relu(bn(conv(x))), torch.float32))[1] == 1
+            assert _reorders(lambda: assert_close(m(x), F.relu(bn(conv(x))), torch.float32))[1] == 0
+
+
 # The module ------------------------------------------------------------------------------------------
 
 def test_module_convbnact_matches_conv_bn_act_and_refreshes_its_fold():
