@@ -277,6 +277,30 @@ def test_torch_compile_fullgraph(backend):
     check_compile_fullgraph(backend, f, run, ("output", "grad_x", "grad_w", "grad_b"))
 
 
+def test_grad_modes():
+    """The op without autograd's layer (no grad needed) and with it: the same values, a graph only where one
+    is wanted, and gradients through it."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 6, 9, 8, requires_grad=True)
+    w = torch.randn(6, 1, 3, 3, requires_grad=True)
+    skip_unless_runnable(OP, "cpu", x, w)
+    with fastops.use_backend("cpu"):
+        y = fastops.depthwise_conv2d(x, w, padding=1)
+        assert y.requires_grad and y.grad_fn is not None
+        gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
+        ref = F.conv2d(x.double(), w.double(), padding=1, groups=6)
+        rgx, rgw = torch.autograd.grad(ref.square().sum(), (x, w))
+        assert_close(gx, rgx, torch.float32)
+        assert_close(gw, rgw, torch.float32)
+        for ctx in (torch.no_grad, torch.inference_mode):
+            with ctx():
+                y2 = fastops.depthwise_conv2d(x, w, padding=1)
+            assert not y2.requires_grad and y2.grad_fn is None
+            assert torch.equal(y2, y.detach())
+        y3 = fastops.depthwise_conv2d(x.detach(), w.detach(), padding=1)
+        assert not y3.requires_grad and torch.equal(y3, y.detach())
+
+
 def test_autocast_cpu_bf16():
     x = torch.randn(2, 8, 10, 10)
     conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)

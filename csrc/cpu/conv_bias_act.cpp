@@ -111,8 +111,8 @@ bool use_onednn(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef paddi
 class PackedWeights {
  public:
   static PackedWeights& get() {
-    static PackedWeights cache;
-    return cache;
+    static PackedWeights* cache = new PackedWeights();  // never destroyed: no tensor freed after torch at exit
+    return *cache;
   }
 
   // The packed form of w for this call, or w itself when it is not to be cached.

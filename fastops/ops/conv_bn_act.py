@@ -81,7 +81,7 @@ def _conv_bias_act(op, x, weight, bias, stride, padding, dilation, groups, act, 
     if backend == "reference":
         return _ref.conv_bias_act(x, weight, b, residual, stride, pad, dilation, groups, act)
     kernel = torch.ops.fastops.conv_bias_act_triton if backend == "triton" else torch.ops.fastops.conv_bias_act
-    return kernel(x, weight, b, residual, stride, pad, dilation, groups, act)
+    return _registration.call(kernel, x, weight, b, residual, stride, pad, dilation, groups, act)
 
 
 def fold_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],

@@ -74,8 +74,8 @@ def depthwise_conv2d(
     if backend == "reference":
         return _ref.depthwise_conv2d(x, weight, bias, stride, pad, dilation)
     if backend == "triton":
-        return torch.ops.fastops.depthwise_conv2d_triton(x, weight, bias, stride, pad, dilation)
-    return torch.ops.fastops.depthwise_conv2d(x, weight, bias, stride, pad, dilation)
+        return _registration.call(torch.ops.fastops.depthwise_conv2d_triton, x, weight, bias, stride, pad, dilation)
+    return _registration.call(torch.ops.fastops.depthwise_conv2d, x, weight, bias, stride, pad, dilation)
 
 
 # Backends ---------------------------------------------------------------------------------------

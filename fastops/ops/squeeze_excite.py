@@ -66,7 +66,7 @@ def squeeze_excite(
     if backend == "reference":
         return _ref.squeeze_excite(x, w1, b1, w2, b2, act, gate, residual, out_act)
     fn = torch.ops.fastops.squeeze_excite_triton if backend == "triton" else torch.ops.fastops.squeeze_excite
-    return fn(x, w1, b1, w2, b2, residual, act, gate, out_act)[0]
+    return _registration.call(fn, x, w1, b1, w2, b2, residual, act, gate, out_act)[0]
 
 
 backends.register_kernel_backends(OP)

@@ -63,7 +63,7 @@ def sr_attention(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: Optio
     if backend == "reference":
         return _ref.sr_attention(q, kv, num_heads, float(scale))
     fn = torch.ops.fastops.sr_attention_triton if backend == "triton" else torch.ops.fastops.sr_attention
-    return fn(q.contiguous(), kv.contiguous(), num_heads, float(scale))[0]
+    return _registration.call(fn, q.contiguous(), kv.contiguous(), num_heads, float(scale))[0]
 
 
 def _cuda_limits(q, head_dim=1, nr=1) -> Optional[str]:

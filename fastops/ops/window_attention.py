@@ -100,7 +100,7 @@ def window_attention(
     # A padding token's qkv is a Linear output, in qkv's dtype: round it there first, as the unfused path does.
     pad = None if pad_qkv is None else pad_qkv.to(qkv.dtype).to(acc).contiguous()
     fn = torch.ops.fastops.window_attention_triton if backend == "triton" else torch.ops.fastops.window_attention
-    return fn(qkv, num_heads, list(ws), list(ss), bias, float(scale), pad)[0]
+    return _registration.call(fn, qkv, num_heads, list(ws), list(ss), bias, float(scale), pad)[0]
 
 
 def _same_device(qkv, name, t):
