@@ -241,12 +241,20 @@ def test_mlp_depthwise_reads_tokens_in_place(monkeypatch, act_layer, op):
 
     monkeypatch.setattr(pvt_mod, op, spy)
     mlp = MlpWithDepthwiseConv(16, 24, act_layer=act_layer).eval()
-    fc1_out, fc2_in = [], []
-    mlp.fc1.register_forward_hook(lambda m, i, o: fc1_out.append(o))
-    mlp.fc2.register_forward_pre_hook(lambda m, i: fc2_in.append(i[0]))
+    linears = []  # (module, input, output) of each fused Linear call
+    real_linear = pvt_mod.linear_act
+
+    def linear_spy(x, linear, act="none"):
+        out = real_linear(x, linear, act)
+        linears.append((linear, x, out))
+        return out
+
+    monkeypatch.setattr(pvt_mod, "linear_act", linear_spy)
     x_in = torch.randn(2, 9 * 7, 16)
     with torch.no_grad():
         y = mlp(x_in, (9, 7))
+    fc1_out = [o for m, _, o in linears if m is mlp.fc1]
+    fc2_in = [i for m, i, _ in linears if m is mlp.fc2]
     x, out = seen["x"], seen["out"]
     assert x.shape == (2, 24, 9, 7) and x.is_contiguous(memory_format=torch.channels_last)
     assert x.data_ptr() == fc1_out[0].data_ptr()

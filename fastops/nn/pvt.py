@@ -20,6 +20,7 @@ from ..ops.sr_attention import sr_attention
 from .attention import _timm_type
 from .conv_bn import act_name_of
 from .depthwise import DepthwiseConv2d
+from .layers import linear_act
 
 __all__ = ["SRAttention", "MlpWithDepthwiseConv"]
 
@@ -122,17 +123,16 @@ class SRAttention(nn.Module):
         if reduce and not self.linear and (H < k or W < k):
             raise ValueError(f"fastops.nn.SRAttention: feat_size {(H, W)} is smaller than sr_ratio={k}: the "
                              f"strided reduction would leave no key/value tokens")
-        q = self.q(x)
+        q = linear_act(x, self.q) if self.fused else self.q(x)
         src = x
         if reduce:
             sr, norm = self.sr, self.norm
             fn = spatial_reduction if self.fused else _ref.spatial_reduction
             src = fn(x, (H, W), sr.weight, sr.bias, norm.weight, norm.bias, k, self.linear, norm.eps)
-        kv = self.kv(src)
         if self.fused:
-            out = sr_attention(q, kv, self.num_heads, self.scale)
-        else:
-            out = _ref.sr_attention(q, kv, self.num_heads, self.scale)
+            out = sr_attention(q, linear_act(src, self.kv), self.num_heads, self.scale)
+            return self.proj_drop(linear_act(out, self.proj))
+        out = _ref.sr_attention(q, self.kv(src), self.num_heads, self.scale)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
@@ -225,7 +225,7 @@ class MlpWithDepthwiseConv(nn.Module):
         """x: (B, N, in_features) tokens of the (H, W) = ``feat_size`` map -> (B, N, out_features)."""
         H, W = _feat_hw("MlpWithDepthwiseConv", x, feat_size, self.fc1.in_features)
         # ReLU is elementwise: applied to the tokens it equals timm's ReLU on the map.
-        x = self.relu(self.fc1(x))
+        x = self.relu(linear_act(x, self.fc1) if self.fused else self.fc1(x))
         B, N, C = x.shape
         m = x.transpose(1, 2).view(B, C, H, W)
         conv = self.dwconv
@@ -238,7 +238,7 @@ class MlpWithDepthwiseConv(nn.Module):
         else:
             m = self.act(F.conv2d(m, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups))
         x = self.drop(m.flatten(2).transpose(1, 2))
-        return self.drop(self.fc2(x))
+        return self.drop(linear_act(x, self.fc2) if self.fused else self.fc2(x))
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}"

@@ -16,7 +16,7 @@ from .. import reference as _ref
 from ..ops import _checks
 from ..ops.window_attention import window_attention
 from .attention import _share, _timm_type
-from .layers import DropPath
+from .layers import DropPath, linear_act
 
 __all__ = ["WindowAttention", "SwinTransformerBlock", "relative_position_index"]
 
@@ -113,11 +113,12 @@ class WindowAttention(nn.Module):
             raise ValueError(f"fastops.nn.WindowAttention: x must be (B, H, W, dim={self.dim}), got {shape}")
         shift = self.shift_size if shift_size is None else shift_size
         shift = _checks.pair("nn.WindowAttention", "shift_size", shift, 0)
-        qkv = self.qkv(x)
+        qkv = linear_act(x, self.qkv) if self.fused else self.qkv(x)
         bias = self.rel_pos_bias()
         pad = self.qkv.bias
         if self.fused:
             out = window_attention(qkv, self.num_heads, self.window_size, shift, bias, self.scale, pad)
+            return self.proj_drop(linear_act(out, self.proj))
         else:
             if shift[0] >= self.window_size[0] or shift[1] >= self.window_size[1]:
                 raise ValueError(f"fastops.nn.WindowAttention: shift_size must be smaller than window_size "
@@ -270,7 +271,18 @@ class SwinTransformerBlock(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"fastops.nn.SwinTransformerBlock: x must be (B, H, W, dim={self.dim}), got {shape}")
         x = x + self.drop_path1(self.attn(self.norm1(x), self.shift_size))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x + self.drop_path2(self._mlp(self.norm2(x)))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """self.mlp(x); with the fused attention, a timm-layout GELU MLP (fc1 -> GELU -> drop -> [Identity
+        norm] -> fc2 -> drop) runs fc1 + GELU and fc2 through :func:`fastops.nn.layers.linear_act`."""
+        m = self.mlp
+        if not (self.fused and type(getattr(m, "fc1", None)) is nn.Linear and type(getattr(m, "fc2", None)) is nn.Linear
+                and type(getattr(m, "act", None)) is nn.GELU and m.act.approximate == "none"
+                and isinstance(getattr(m, "norm", nn.Identity()), nn.Identity)
+                and all(isinstance(getattr(m, d, None), nn.Dropout) for d in ("drop1", "drop2"))):
+            return m(x)
+        return m.drop2(linear_act(m.drop1(linear_act(x, m.fc1, "gelu")), m.fc2))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, input_resolution={self.input_resolution}, window_size={self.window_size}, "

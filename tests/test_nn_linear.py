@@ -1,0 +1,67 @@
+"""fastops.nn.layers.linear_act: act(linear(x)) through a 1x1 conv_bias_act on the CPU when no gradient is needed
+(oneDNN's packed-weight GEMM), plain F.linear otherwise; values against float64 PyTorch in every mode, and a
+weight changed in place, replaced or moved never served stale."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastops
+from fastops.nn.layers import linear_act
+
+from ._util import assert_close
+
+
+def _ref(x, lin, act):
+    y = F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
+    return F.gelu(y) if act == "gelu" else y
+
+
+def _ran_conv(fn):
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, any(e.name == "fastops::conv_bias_act" for e in prof.events())
+
+
+@pytest.mark.parametrize("act", ["none", "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(37, 24), (2, 9, 24), (2, 5, 7, 24), (1, 24)])
+def test_values_in_every_mode(shape, bias, act):
+    torch.manual_seed(1)
+    lin = nn.Linear(24, 40, bias=bias)
+    x = torch.randn(*shape)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            y, fused = _ran_conv(lambda: linear_act(x, lin, act))
+        assert fused or not fastops._ext.C_LOADED
+        assert y.shape == (*shape[:-1], 40)
+        assert_close(y, _ref(x, lin, act), torch.float32)
+    # autograd wants the graph: F.linear, gradients as PyTorch's
+    xg = x.clone().requires_grad_()
+    y, fused = _ran_conv(lambda: linear_act(xg, lin, act))
+    assert not fused and y.requires_grad
+    assert_close(y, _ref(x, lin, act), torch.float32)
+    y.square().sum().backward()
+    ref_x = x.double().requires_grad_()
+    _ref(ref_x, lin, act).square().sum().backward()
+    assert_close(xg.grad, ref_x.grad, torch.float32)
+
+
+def test_weight_changes_are_seen():
+    torch.manual_seed(2)
+    lin = nn.Linear(16, 32)
+    x = torch.randn(3, 11, 16)
+    with torch.no_grad():
+        for step in range(4):
+            if step == 1:
+                lin.weight.mul_(-2.0)  # in place
+            elif step == 2:
+                lin.weight.data = torch.randn(32, 16)  # new storage, same Parameter
+            elif step == 3:
+                lin.weight = nn.Parameter(torch.randn(32, 16))  # a new Parameter
+            for _ in range(2):
+                assert_close(linear_act(x, lin, "gelu"), _ref(x, lin, "gelu"), torch.float32)
+        lin.double()  # float64: plain F.linear
+        y, fused = _ran_conv(lambda: linear_act(x.double(), lin, "gelu"))
+        assert not fused and y.dtype == torch.float64
+        assert_close(y, _ref(x, lin, "gelu"), torch.float64)
