@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import backends
 from ..ops.conv_bn_act import conv_bias_act
 
 
@@ -51,12 +52,14 @@ def linear_act(x: torch.Tensor, linear: nn.Linear, act: str = "none") -> torch.T
     :func:`fastops.conv_bias_act` over x's tokens seen as a channels_last (1, in, tokens, 1) map: oneDNN's
     GEMM on a weight it packed once, with the bias and the activation in its epilogue (no bias broadcast copy,
     no separate GELU pass). Measured on Swin-T / PVTv2 MLPs (2-core AVX-512 EPYC): 10-40% less time than
-    ``F.linear`` + ``F.gelu``. Elsewhere, and whenever autograd needs the graph, plain ``F.linear`` (+ GELU).
+    ``F.linear`` + ``F.gelu``. Elsewhere, whenever autograd needs the graph, and when a backend other than
+    ``cpu`` is forced, plain ``F.linear`` (+ GELU).
     """
     w, b = linear.weight, linear.bias
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
     if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or needs_grad
-            or x.dim() < 2 or x.shape[-1] != linear.in_features or x.numel() == 0 or torch.compiler.is_compiling()):
+            or x.dim() < 2 or x.shape[-1] != linear.in_features or x.numel() == 0 or torch.compiler.is_compiling()
+            or backends.forced_backend() not in (None, "cpu")):
         y = F.linear(x, w, b)
         return F.gelu(y) if act == "gelu" else y
     lead, cin = x.shape[:-1], x.shape[-1]
