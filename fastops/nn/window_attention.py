@@ -119,12 +119,11 @@ class WindowAttention(nn.Module):
         if self.fused:
             out = window_attention(qkv, self.num_heads, self.window_size, shift, bias, self.scale, pad)
             return self.proj_drop(linear_act(out, self.proj))
-        else:
-            if shift[0] >= self.window_size[0] or shift[1] >= self.window_size[1]:
-                raise ValueError(f"fastops.nn.WindowAttention: shift_size must be smaller than window_size "
-                                 f"{self.window_size} in each dimension, got {shift}")
-            out = _ref.window_attention(qkv.contiguous(), self.num_heads, self.window_size, shift, bias,
-                                        self.scale, pad)
+        if shift[0] >= self.window_size[0] or shift[1] >= self.window_size[1]:
+            raise ValueError(f"fastops.nn.WindowAttention: shift_size must be smaller than window_size "
+                             f"{self.window_size} in each dimension, got {shift}")
+        out = _ref.window_attention(qkv.contiguous(), self.num_heads, self.window_size, shift, bias, self.scale,
+                                    pad)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
