@@ -101,13 +101,13 @@ bool use_onednn(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef paddi
 // Weights reordered into oneDNN's blocked layout, kept between calls for channels_last inputs. Given a
 // plain weight, oneDNN reorders it on every call: at batch 1 that is most of a ResNet-50 layer 4 3x3
 // convolution (2.2 ms of it against 1.0 ms prepacked, 2 threads), at batch 8 still ~15% (8.2 against
-// 6.8 ms). One entry per weight tensor (held weakly: the cache never keeps a dead weight's memory), valid
-// while that tensor's data pointer and version counter are unchanged and for the input size and conv
-// arguments it was packed for; another input size repacks it, so the cache holds at most one packed copy
-// of each weight. Weights that require grad are not cached (they change every training step), nor are
-// inference tensors (they have no version counter). Mostly these are the eval-mode folded weights that
-// fastops.nn's conv modules keep: the same prepacking torch.compile's freezing does. A weight changed
-// through `.data` (which has a version counter of its own) is not seen.
+// 6.8 ms). One entry per weight tensor, held weakly (a dead weight's packed copy is freed by the next call
+// that looks here), valid while that tensor's data pointer and version counter are unchanged and for the
+// input size and conv arguments it was packed for; another input size repacks it, so the cache holds at
+// most one packed copy of each weight. Weights that require grad are not cached (they change every
+// training step), nor are inference tensors (they have no version counter). Mostly these are the eval-mode
+// folded weights that fastops.nn's conv modules keep: the same prepacking torch.compile's freezing does.
+// A weight changed through `.data` (which has a version counter of its own) is not seen.
 class PackedWeights {
  public:
   static PackedWeights& get() {
@@ -128,8 +128,11 @@ class PackedWeights {
     const auto version = impl->version_counter().current_version();
     std::lock_guard<std::mutex> lock(mu_);
     ++clock_;
+    // The packed copies of weights that died (a model deleted) go at the next call, hit or miss.
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [](const Entry& e) { return e.weight.expired(); }),
+                   entries_.end());
     for (Entry& e : entries_)
-      if (e.impl == impl && e.key == key && e.data == w.data_ptr() && e.version == version && !e.weight.expired()) {
+      if (e.impl == impl && e.key == key && e.data == w.data_ptr() && e.version == version) {
         e.used = clock_;
         return e.packed;
       }
@@ -140,9 +143,8 @@ class PackedWeights {
         reorder->typed<at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
                                   at::OptionalIntArrayRef)>()
             .call(w.contiguous(), padding, stride, dilation, groups, x.sizes());
-    // Drop the entries whose weight died or changed, then the least recently used while full.
-    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
-                                  [&](const Entry& e) { return e.weight.expired() || e.impl == impl; }),
+    // Drop this weight's stale entry, then the least recently used while full.
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [&](const Entry& e) { return e.impl == impl; }),
                    entries_.end());
     if (entries_.size() >= kMaxEntries)
       entries_.erase(std::min_element(entries_.begin(), entries_.end(),
