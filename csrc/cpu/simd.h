@@ -117,21 +117,21 @@ inline V horner(V x, const float (&c)[K]) {
 // exp on a whole vector. fp32: Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial
 // (about 1 ulp), 2^n built in the exponent bits; inputs below the smallest normal's log give exactly 0 (the
 // -inf of masked key columns must become 0, never NaN). fp64 runs lane by lane through std::exp: it is
-// the accuracy path, not the fast one.
-template <typename T>
+// the accuracy path, not the fast one. kB: the vector's bytes, as Vec's.
+template <typename T, int kB = 32>
 struct VExp {
-  using V = typename simd::Vec<T>::V;
+  using V = typename simd::Vec<T, kB>::V;
   static inline V run(V x) {
     V y;
-    for (int i = 0; i < simd::Vec<T>::N; ++i) y[i] = std::exp(x[i]);
+    for (int i = 0; i < simd::Vec<T, kB>::N; ++i) y[i] = std::exp(x[i]);
     return y;
   }
 };
 
-template <>
-struct VExp<float> {
-  using S = simd::Vec<float>;
-  using V = S::V;
+template <int kB>
+struct VExp<float, kB> {
+  using S = simd::Vec<float, kB>;
+  using V = typename S::V;
   typedef int32_t VI __attribute__((vector_size(S::kBytes)));
   static inline V run(V x) {
     const V hi = S::splat(88.0f), lo = S::splat(-87.33654475f);
@@ -160,20 +160,20 @@ struct VExp<float> {
 // than the erfc * exp form it replaced (11 against 37 cycles per 8 lanes, AVX-512 EPYC), which kept relative
 // accuracy deep into the negative tail but spent ~28 FP operations and a division per vector. fp64: the C
 // library, lane by lane.
-template <typename T>
+template <typename T, int kB = 32>
 struct VGelu {
-  using V = typename simd::Vec<T>::V;
+  using V = typename simd::Vec<T, kB>::V;
   static inline V run(V z) {
     V y;
-    for (int i = 0; i < simd::Vec<T>::N; ++i) y[i] = T(0.5) * z[i] * std::erfc(-z[i] * T(M_SQRT1_2));
+    for (int i = 0; i < simd::Vec<T, kB>::N; ++i) y[i] = T(0.5) * z[i] * std::erfc(-z[i] * T(M_SQRT1_2));
     return y;
   }
 };
 
-template <>
-struct VGelu<float> {
-  using S = simd::Vec<float>;
-  using V = S::V;
+template <int kB>
+struct VGelu<float, kB> {
+  using S = simd::Vec<float, kB>;
+  using V = typename S::V;
   static inline V run(V z) {
     const V x = z * S::splat(0.70710678118654752f), lim = S::splat(3.95f);
     const V xc = x < -lim ? -lim : (x > lim ? lim : x);
