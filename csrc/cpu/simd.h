@@ -154,6 +154,42 @@ struct VExp<float, kB> {
   }
 };
 
+// Natural log on a whole vector, for positive normal inputs only (softmax row sums, which are >= 1). fp32:
+// x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) = f - f^2/2 + f^3 P(f) for f = m - 1 (Cephes' degree-8
+// fit, about 1 ulp), e ln 2 added in two parts so that the sum stays exact. fp64: std::log lane by lane.
+template <typename T, int kB = 32>
+struct VLog {
+  using V = typename simd::Vec<T, kB>::V;
+  static inline V run(V x) {
+    V y;
+    for (int i = 0; i < simd::Vec<T, kB>::N; ++i) y[i] = std::log(x[i]);
+    return y;
+  }
+};
+
+template <int kB>
+struct VLog<float, kB> {
+  using S = simd::Vec<float, kB>;
+  using V = typename S::V;
+  typedef int32_t VI __attribute__((vector_size(S::kBytes)));
+  static inline V run(V x) {
+    const VI bits = __builtin_bit_cast(VI, x);
+    VI e = (bits >> 23) - 126;  // x = m 2^e, m in [1/2, 1)
+    const V m = __builtin_bit_cast(V, (bits & 0x007fffff) | 0x3f000000);
+    const VI low = m < S::splat(0.707106781186547524f);  // -1 where m < sqrt(1/2): use 2m, e - 1
+    e += low;
+    const V f = (low ? m + m : m) - S::splat(1.0f);
+    const V z = f * f;
+    static constexpr float kP[] = {3.3333331174e-1f, -2.4999993993e-1f, 2.0000714765e-1f,
+                                   -1.6668057665e-1f, 1.4249322787e-1f, -1.2420140846e-1f,
+                                   1.1676998740e-1f, -1.1514610310e-1f, 7.0376836292e-2f};
+    const V fe = __builtin_convertvector(e, V);
+    V y = horner(f, kP) * f * z;
+    y = y + fe * S::splat(-2.12194440e-4f) - S::splat(0.5f) * z;
+    return f + y + fe * S::splat(0.693359375f);
+  }
+};
+
 // Exact GELU, 0.5 z (1 + erf(z / sqrt(2))). fp32: erf(x) = x P(x^2) / Q(x^2) for |x| <= 3.95 (a degree 5 / 5
 // rational least-squares fit, |error| < 3e-7) and +-1 beyond (fp32 erf is within 1.6e-8 of it there): GELU
 // within 6.4e-7 of exact on [-5, 5], an absolute bound like that of PyTorch's fp32 GELU. It took 3.3x less time

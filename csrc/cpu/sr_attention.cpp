@@ -33,6 +33,8 @@ using attn::scale_row;
 using attn::dot_row;
 using attn::store_row;
 using attn::VExp2;
+using attn::kLn2;
+using attn::kLog2e;
 
 constexpr const char* kFwd = "fastops::sr_attention";
 constexpr const char* kBwd = "fastops::sr_attention_backward";
@@ -40,9 +42,6 @@ constexpr const char* kBwd = "fastops::sr_attention_backward";
 constexpr int64_t kSinglePass = 512;  // keys whose score rows a block holds whole
 constexpr int64_t kKeyBlock = 256;    // key block of the online softmax beyond that
 constexpr int64_t kQueryBlock = 60;   // most query rows per block: a multiple of the micro-kernel's 6 rows
-
-constexpr double kLog2e = 1.4426950408889634074;
-constexpr double kLn2 = 0.6931471805599453094;
 
 // The next task's q rows and out rows, prefetched a few rows at a time between pieces of the current task's
 // work: issued all at once they fill the miss buffers and stall the core instead.

@@ -29,11 +29,15 @@ constexpr const char* kBwd = "fastops.window_attention_backward";
 using attn::add_row;
 using attn::gemm;
 using attn::hmax;
+using attn::hsum;
+using attn::kLn2;
+using attn::kLog2e;
 using attn::load_row;
 using attn::round_up;
 using attn::store_row;
 using attn::transpose;
-using attn::VExp;
+using attn::VExp2;
+using simd::VLog;
 
 // ---------------------------------------------------------------------------------------------------------
 struct Geom {
@@ -179,8 +183,9 @@ void check_bias_pad(const char* op, const Geom& g, const at::Tensor& qkv, const 
   }
 }
 
-// The additive score terms that do not depend on the window: rel_pos_bias per head, or zeros, with the
-// padded key columns N..Np set to -inf so that they drop out of the softmax. Head stride is 0 without bias.
+// The additive score terms that do not depend on the window, in log2 units (see scores_to_probs):
+// rel_pos_bias * log2(e) per head, or zeros, with the padded key columns N..Np set to -inf so that they drop
+// out of the softmax. Head stride is 0 without bias.
 template <typename T>
 std::vector<T> padded_bias(const Geom& g, const c10::optional<at::Tensor>& bias, int64_t Np, int64_t* hstride) {
   const bool has = bias.has_value() && bias->defined();
@@ -190,7 +195,7 @@ std::vector<T> padded_bias(const Geom& g, const c10::optional<at::Tensor>& bias,
   for (int64_t h = 0; h < nh; ++h)
     for (int64_t i = 0; i < g.N; ++i) {
       T* row = &out[(h * g.N + i) * Np];
-      for (int64_t j = 0; j < g.N; ++j) row[j] = src ? src[(h * g.N + i) * g.N + j] : T(0);
+      for (int64_t j = 0; j < g.N; ++j) row[j] = src ? src[(h * g.N + i) * g.N + j] * T(kLog2e) : T(0);
       for (int64_t j = g.N; j < Np; ++j) row[j] = -std::numeric_limits<T>::infinity();
     }
   *hstride = has ? g.N * Np : 0;
@@ -208,14 +213,17 @@ std::vector<T> pad_values(const Geom& g, const c10::optional<at::Tensor>& pad) {
   return out;
 }
 
-// Scores of the nq compacted query rows against all keys, turned in place into exp(s - m_r): with lse given,
-// m_r = lse (so the rows are the softmax itself); without, m_r = the row max, and lse / 1/sum are returned.
+// Scores of the nq compacted query rows against all keys, turned in place into exp(s - m_r). The softmax runs in
+// base 2 for a cheaper exp: x = s * scale2 + bias2 (+ the mask), with scale2 = scale * log2(e) and bias2 from
+// padded_bias, then 2^(x - m2). With lse given (natural units), m2 = lse * log2(e), so the rows are the softmax
+// itself; without, m2 = the row max, and lse (natural units) and 1/sum go to lse_out / inv_out, which hold
+// round_up(nq, SIMD width) entries.
 template <typename T>
-inline void scores_to_probs(const Geom& g, int64_t nq, int64_t Np, T* s, T s_scale, const T* bias_h,
+inline void scores_to_probs(const Geom& g, int64_t nq, int64_t Np, T* s, T scale2, const T* bias_h,
                             const int64_t* qi, const T* reg, const T* lse_in, T* lse_out, T* inv_out) {
   using S = simd::Vec<T>;
   using V = typename S::V;
-  const V neg100 = S::splat(T(-100)), zero = S::splat(T(0));
+  const V neg100 = S::splat(T(-100 * kLog2e)), zero = S::splat(T(0)), sc = S::splat(scale2);
   for (int64_t r = 0; r < nq; ++r) {
     const int64_t i = qi[r];
     T* row = s + r * Np;
@@ -223,24 +231,35 @@ inline void scores_to_probs(const Geom& g, int64_t nq, int64_t Np, T* s, T s_sca
     const V ri = S::splat(reg[i]);
     V mx = S::splat(-std::numeric_limits<T>::infinity());
     for (int64_t j = 0; j < Np; j += S::N) {
-      V x = S::load(row + j) * S::splat(s_scale) + S::load(brow + j);
+      V x = S::load(row + j) * sc + S::load(brow + j);
       if (g.shifted) x += S::load(reg + j) != ri ? neg100 : zero;
       S::store(row + j, x);
       if (!lse_in) mx = x > mx ? x : mx;
     }
-    const T m = lse_in ? lse_in[r] : hmax<T>(mx);
+    const T m = lse_in ? lse_in[r] * T(kLog2e) : hmax<T>(mx);
     const V mv = S::splat(m);
     V sum = zero;
     for (int64_t j = 0; j < Np; j += S::N) {
-      const V e = VExp<T>::run(S::load(row + j) - mv);
+      const V e = VExp2<T>::run(S::load(row + j) - mv);
       S::store(row + j, e);
       sum += e;
     }
     if (!lse_in) {
-      const T tot = S::sum(sum);
-      lse_out[r] = m + std::log(tot);
-      inv_out[r] = T(1) / tot;
+      lse_out[r] = m;
+      inv_out[r] = hsum<T>(sum);
     }
+  }
+  if (lse_in) return;
+  // lse = m2 ln 2 + ln(sum) and 1/sum for a vector of rows at a time: a scalar log per row took ~5% of the
+  // forward.
+  for (int64_t r = nq; r < round_up(nq, S::N); ++r) {
+    lse_out[r] = T(0);
+    inv_out[r] = T(1);
+  }
+  for (int64_t r = 0; r < nq; r += S::N) {
+    const V sum = S::load(inv_out + r);
+    S::store(lse_out + r, S::load(lse_out + r) * S::splat(T(kLn2)) + VLog<T>::run(sum));
+    S::store(inv_out + r, S::splat(T(1)) / sum);
   }
 }
 
@@ -256,7 +275,7 @@ void forward_kernel(const Geom& g, const at::Tensor& qkv, const c10::optional<at
   constexpr int Wd = simd::Vec<T>::N;
   const int64_t N = g.N, Np = round_up(N, Wd), hd = g.hd, hdp = round_up(hd, Wd), C = g.C, C3 = 3 * C;
   const int64_t HW = g.H * g.W;
-  const T scale = static_cast<T>(scale_d);
+  const T scale2 = static_cast<T>(scale_d * kLog2e);
   int64_t bias_hs = 0;
   const std::vector<T> biasp = padded_bias<T>(g, bias, Np, &bias_hs);
   const std::vector<T> padv = pad_values<scalar_t, T>(g, pad);
@@ -277,7 +296,7 @@ void forward_kernel(const Geom& g, const at::Tensor& qkv, const c10::optional<at
     // Columns past N of K^T are never written, so they stay 0. The V operand reads hdp columns of a row of
     // the window buffer, past hd into the next slice (finite values whose results are not stored); the
     // slack at the end covers the last row.
-    std::vector<T> wb(N * ldw + Wd, T(0)), kt(hd * Np, T(0)), s(N * Np), o(N * hdp), lse_r(N), inv_r(N);
+    std::vector<T> wb(N * ldw + Wd, T(0)), kt(hd * Np, T(0)), s(N * Np), o(N * hdp), lse_r(Np), inv_r(Np);
     MapCache<T> maps(N, Np);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bw = t / ngroups, b = bw / g.nW, h0 = (t % ngroups) * hpg;
@@ -302,7 +321,7 @@ void forward_kernel(const Geom& g, const at::Tensor& qkv, const c10::optional<at
         const int64_t off = (h - h0) * hd;
         transpose(&wb[gw + off], N, hd, ldw, kt.data(), Np);
         gemm<T, false>(N, Np, hd, &wb[off], ldw, kt.data(), Np, s.data(), Np);
-        scores_to_probs<T>(g, N, Np, s.data(), scale, biasp.data() + h * bias_hs, iota.data(), mp.reg.data(),
+        scores_to_probs<T>(g, N, Np, s.data(), scale2, biasp.data() + h * bias_hs, iota.data(), mp.reg.data(),
                            nullptr, lse_r.data(), inv_r.data());
         gemm<T, false>(N, hdp, N, s.data(), Np, &wb[2 * gw + off], ldw, o.data(), hdp);
         scalar_t* ob = po + b * HW * C + h * hd;
@@ -404,8 +423,9 @@ void backward_kernel(const Geom& g, const at::Tensor& go, const at::Tensor& qkv,
           lse_r[r] = lrow[qi[r]];
         }
         gemm<T, false>(nq, Np, hd, qs.data(), hdp, kt.data(), Np, p.data(), Np);
-        scores_to_probs<T>(g, nq, Np, p.data(), T(1), biasp.data() + h * bias_hs, qi.data(), reg.data(), lse_r.data(),
-                           nullptr, nullptr);
+        // qs holds scale * q already.
+        scores_to_probs<T>(g, nq, Np, p.data(), T(kLog2e), biasp.data() + h * bias_hs, qi.data(), reg.data(),
+                           lse_r.data(), nullptr, nullptr);
         gemm<T, false>(nq, Np, hd, dO.data(), hdp, vt.data(), Np, dp.data(), Np);
         {
           using S = simd::Vec<T>;
@@ -415,7 +435,7 @@ void backward_kernel(const Geom& g, const at::Tensor& go, const at::Tensor& qkv,
             T* drow = &dp[r * Np];
             V acc = S::splat(0);
             for (int64_t j = 0; j < Np; j += S::N) acc += S::load(prow + j) * S::load(drow + j);
-            const V D = S::splat(S::sum(acc));
+            const V D = S::splat(hsum<T>(acc));
             for (int64_t j = 0; j < Np; j += S::N) S::store(drow + j, S::load(prow + j) * (S::load(drow + j) - D));
           }
         }
