@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastops.nn import SwinTransformerBlock
+from fastops.nn.layers import linear_act
 
 from . import register_model
 
@@ -75,11 +76,13 @@ class PatchEmbed(nn.Module):
 
 class PatchMerging(nn.Module):
     """2x2 neighbourhood -> one token: concatenate (top-left, bottom-left, top-right, bottom-right) channels
-    (zero-padding odd H / W), LayerNorm(4C), Linear(4C -> out_dim, no bias). Keys: ``norm``, ``reduction``."""
+    (zero-padding odd H / W), LayerNorm(4C), Linear(4C -> out_dim, no bias). Keys: ``norm``, ``reduction``.
+    ``fused`` runs the Linear through :func:`fastops.nn.layers.linear_act`."""
 
-    def __init__(self, dim, out_dim=None):
+    def __init__(self, dim, out_dim=None, fused=False):
         super().__init__()
         self.dim = dim
+        self.fused = fused
         self.out_dim = out_dim or 2 * dim
         self.norm = nn.LayerNorm(4 * dim)
         self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
@@ -89,7 +92,8 @@ class PatchMerging(nn.Module):
         if H % 2 or W % 2:
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.reduction(self.norm(x))
+        x = self.norm(x)
+        return linear_act(x, self.reduction) if self.fused else self.reduction(x)
 
 
 class SwinTransformerStage(nn.Module):
@@ -104,7 +108,7 @@ class SwinTransformerStage(nn.Module):
         self.output_resolution = tuple((r + 1) // 2 for r in input_resolution) if downsample else input_resolution
         self.depth = depth
         if downsample:
-            self.downsample = PatchMerging(dim, out_dim)
+            self.downsample = PatchMerging(dim, out_dim, fused=fused)
         else:
             if dim != out_dim:
                 raise ValueError(f"fastops.models SwinTransformer: stage without downsample needs dim == out_dim, "
