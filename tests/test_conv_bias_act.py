@@ -398,6 +398,85 @@ def test_module_convbnact_matches_conv_bn_act_and_refreshes_its_fold():
         assert_close(m(x), F.relu6(bn(conv(x))), torch.float32)
 
 
+def test_module_plan_is_reused_only_while_everything_it_checked_holds(monkeypatch):
+    """A no-grad eval call of ConvBNAct reuses the checked arguments of the previous one; any change to the
+    input's shape / layout / dtype, the residual, the act, the modules' tensors or settings, grad mode, the
+    forced backend or the mode must go through the full path again, and the plan must not keep x alive."""
+    import weakref
+
+    import fastops.nn.conv_bn as cb
+
+    planned = []
+    real_plan = cb.plan_conv_bias_act
+    monkeypatch.setattr(cb, "plan_conv_bias_act", lambda *a: planned.append(1) or real_plan(*a))
+    torch.manual_seed(3)
+    m = fastops.nn.ConvBNAct(8, 8, 3, act="relu").eval()
+    ref = torch.nn.Sequential(m.conv, m.bn, torch.nn.ReLU())
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1), m.bn.running_var.uniform_(0.5, 2)
+
+    def check(x, residual=None, act=F.relu, full=True):
+        n = len(planned)
+        with torch.no_grad():
+            y = m(x, residual)
+            z = m.bn(m.conv(x)) + (0 if residual is None else residual)
+        assert_close(y, act(z), torch.float32)
+        assert is_channels_last(y) == is_channels_last(x)
+        assert len(planned) == n + full, "full path" if full else "plan"
+        return y
+
+    x = torch.randn(2, 8, 9, 10)
+    check(x)
+    check(x, full=False)
+    check(torch.randn(2, 8, 9, 10), full=False)  # new values, same shape: the plan holds
+    check(torch.randn(2, 8, 7, 10))  # shape
+    check(torch.randn(2, 8, 7, 10), full=False)
+    xc = torch.randn(2, 8, 7, 10).contiguous(memory_format=torch.channels_last)
+    check(xc)  # layout
+    check(xc, full=False)
+    r = torch.randn(2, 8, 7, 10).contiguous(memory_format=torch.channels_last)
+    check(xc, r)  # residual
+    check(xc, r, full=False)
+    check(xc)
+    with torch.no_grad():
+        m.conv.weight.mul_(-1)  # in place: a new version
+    check(xc)
+    check(xc, full=False)
+    with torch.no_grad():
+        m.bn.running_var.mul_(3)
+    check(xc)
+    m.bn.weight = torch.nn.Parameter(torch.randn(8))  # replaced
+    check(xc)
+    m.conv.stride = (2, 2)  # a setting of the module
+    ref_y = check(xc)
+    assert ref_y.shape[2:] == (4, 5)
+    m.conv.stride = (1, 1)
+    check(xc)
+    m.act_name = "relu6"
+    check(xc, act=F.relu6)
+    m.act_name = "relu"
+    check(xc)
+    with fastops.use_backend("reference"):  # forced backend
+        check(xc)
+        check(xc, full=False)
+    check(xc)
+    xg = xc.clone().requires_grad_()  # grad mode on: the full path, and a graph
+    y = m(xg)
+    assert y.requires_grad
+    m.train()
+    with torch.no_grad():
+        y = m(xc)  # training: batch statistics, not the plan
+    m.eval()
+    assert_close(y, F.relu(F.batch_norm(m.conv(xc), None, None, m.bn.weight, m.bn.bias, True, 0.0, m.bn.eps)),
+                 torch.float32)
+    x = torch.randn(2, 8, 9, 10)
+    alive = weakref.ref(x)
+    with torch.no_grad():
+        m(x), m(x)
+    del x
+    assert alive() is None
+
+
 def test_module_from_timm_conv_norm_act():
     timm_layers = pytest.importorskip("timm.layers")
     src = timm_layers.ConvNormAct(6, 10, 3, stride=1, act_layer=torch.nn.SiLU).eval()

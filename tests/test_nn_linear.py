@@ -65,3 +65,23 @@ def test_weight_changes_are_seen():
         y, fused = _ran_conv(lambda: linear_act(x.double(), lin, "gelu"))
         assert not fused and y.dtype == torch.float64
         assert_close(y, _ref(x, lin, "gelu"), torch.float64)
+
+
+def test_reused_arguments_follow_every_change():
+    """linear_act keeps the checked arguments of its last call on the module; a different token count,
+    strided tokens, another act or bias tensor, or an in-place bias change must all be served fresh."""
+    torch.manual_seed(3)
+    lin = nn.Linear(16, 24)
+    big = torch.randn(2, 9, 40)
+    with torch.no_grad():
+        x = torch.randn(2, 9, 16)
+        for x, act in [(x, "none"), (torch.randn(2, 9, 16), "none"), (x, "gelu"), (torch.randn(5, 16), "gelu"),
+                       (big[..., 3:19], "none"), (big[..., 3:19], "gelu"), (x, "none")]:
+            assert_close(linear_act(x, lin, act), _ref(x, lin, act), torch.float32)
+        x = torch.randn(2, 9, 16)
+        lin.bias.add_(1.0)  # in place
+        assert_close(linear_act(x, lin, "gelu"), _ref(x, lin, "gelu"), torch.float32)
+        lin.bias = nn.Parameter(torch.randn(24))  # replaced
+        assert_close(linear_act(x, lin, "gelu"), _ref(x, lin, "gelu"), torch.float32)
+        lin.bias = None
+        assert_close(linear_act(x, lin, "gelu"), _ref(x, lin, "gelu"), torch.float32)

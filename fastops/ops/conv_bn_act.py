@@ -1,6 +1,7 @@
 """fastops.conv_bias_act (convolution with a fused bias + residual + activation epilogue) and
 fastops.conv_bn_act (conv -> BatchNorm -> activation, BN folded into the conv in eval mode); backends of the
 conv_bias_act kernel op, its fake kernels and autograd."""
+import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -61,6 +62,14 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 def _conv_bias_act(op, x, weight, bias, stride, padding, dilation, groups, act, residual):
+    fn, args = plan_conv_bias_act(op, x, weight, bias, stride, padding, dilation, groups, act, residual)
+    return fn(*args)
+
+
+def plan_conv_bias_act(op, x, weight, bias, stride, padding, dilation, groups, act, residual):
+    """The checks and argument preparation of :func:`conv_bias_act`: returns ``(fn, args)`` with ``fn(*args)``
+    the call. ``args`` is ``(x, weight, bias, residual, stride, padding, dilation, groups, act)`` as the
+    kernels take them (x / residual replaced by dense copies where they needed one)."""
     stride, pad, dilation = _conv_args(op, x, weight, stride, padding, dilation, groups)
     check_act(op, act)
     x, weight, residual = _checks.autocast_inputs(x.device.type, x, weight, residual)
@@ -78,10 +87,11 @@ def _conv_bias_act(op, x, weight, bias, stride, padding, dilation, groups, act, 
         _checks.same_device_dtype(op, "x", x, "residual", residual)
         residual = as_layout_of(residual, x)
     backend = backends.choose(OP, x.device, x, weight, groups)
+    args = (x, weight, b, residual, stride, pad, dilation, groups, act)
     if backend == "reference":
-        return _ref.conv_bias_act(x, weight, b, residual, stride, pad, dilation, groups, act)
+        return _ref.conv_bias_act, args
     kernel = torch.ops.fastops.conv_bias_act_triton if backend == "triton" else torch.ops.fastops.conv_bias_act
-    return _registration.call(kernel, x, weight, b, residual, stride, pad, dilation, groups, act)
+    return functools.partial(_registration.call, kernel), args
 
 
 def fold_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],
