@@ -95,6 +95,16 @@ def test_cpu_backend_non_contiguous_qkv():
     _check_all("cpu", CASES[1], torch.float32, "cpu", qkv_view=True)
 
 
+@pytest.mark.parametrize("case", [(2, 14, 13, 2, 16, (7, 7), (3, 3), True, True),   # whole lines: streamed
+                                  (1, 9, 11, 3, 8, (4, 5), (2, 1), True, False)],   # half lines: cached
+                         ids=_case_id)
+def test_cpu_streamed_output(case, monkeypatch):
+    """FASTOPS_LLC_SHARE_BYTES=0 makes every output count as too large for the cache: the fp32 forward then
+    writes each head's slice of a token row with streaming stores where the slices are whole 64-byte lines."""
+    monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", "0")
+    _check_all("cpu", case, torch.float32, "cpu")
+
+
 @pytest.mark.skipif(not INTERPRET, reason="Triton interpreter is off (a GPU is present: see the gpu tests)")
 @pytest.mark.parametrize("case", CASES[1:6], ids=_case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -113,6 +113,15 @@ inline V horner(V x, const float (&c)[K]) {
   return p;
 }
 
+// f on each lane of a vector of kB bytes: the fp64 paths of the vector functions below, which are their
+// accuracy paths, not the fast ones.
+template <typename T, int kB, typename F>
+inline typename Vec<T, kB>::V lanewise(typename Vec<T, kB>::V x, F f) {
+  typename Vec<T, kB>::V y;
+  for (int i = 0; i < Vec<T, kB>::N; ++i) y[i] = f(x[i]);
+  return y;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // exp on a whole vector. fp32: Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial
 // (about 1 ulp), 2^n built in the exponent bits; inputs below the smallest normal's log give exactly 0 (the
@@ -120,11 +129,8 @@ inline V horner(V x, const float (&c)[K]) {
 // the accuracy path, not the fast one. kB: the vector's bytes, as Vec's.
 template <typename T, int kB = 32>
 struct VExp {
-  using V = typename simd::Vec<T, kB>::V;
-  static inline V run(V x) {
-    V y;
-    for (int i = 0; i < simd::Vec<T, kB>::N; ++i) y[i] = std::exp(x[i]);
-    return y;
+  static inline typename Vec<T, kB>::V run(typename Vec<T, kB>::V x) {
+    return lanewise<T, kB>(x, [](T v) { return std::exp(v); });
   }
 };
 
@@ -158,21 +164,13 @@ struct VExp<float, kB> {
 // x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) = f - f^2/2 + f^3 P(f) for f = m - 1 (Cephes' degree-8
 // fit, about 1 ulp), e ln 2 added in two parts so that the sum stays exact. fp64: std::log lane by lane.
 template <typename T, int kB = 32>
-struct VLog {
-  using V = typename simd::Vec<T, kB>::V;
-  static inline V run(V x) {
-    V y;
-    for (int i = 0; i < simd::Vec<T, kB>::N; ++i) y[i] = std::log(x[i]);
-    return y;
-  }
-};
-
-template <int kB>
-struct VLog<float, kB> {
-  using S = simd::Vec<float, kB>;
-  using V = typename S::V;
-  typedef int32_t VI __attribute__((vector_size(S::kBytes)));
-  static inline V run(V x) {
+inline typename Vec<T, kB>::V vlog(typename Vec<T, kB>::V x) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return lanewise<T, kB>(x, [](T v) { return std::log(v); });
+  } else {
+    using S = Vec<float, kB>;
+    using V = typename S::V;
+    typedef int32_t VI __attribute__((vector_size(kB)));
     const VI bits = __builtin_bit_cast(VI, x);
     VI e = (bits >> 23) - 126;  // x = m 2^e, m in [1/2, 1)
     const V m = __builtin_bit_cast(V, (bits & 0x007fffff) | 0x3f000000);
@@ -188,7 +186,7 @@ struct VLog<float, kB> {
     y = y + fe * S::splat(-2.12194440e-4f) - S::splat(0.5f) * z;
     return f + y + fe * S::splat(0.693359375f);
   }
-};
+}
 
 // Exact GELU, 0.5 z (1 + erf(z / sqrt(2))). fp32: erf(x) = x P(x^2) / Q(x^2) for |x| <= 3.95 (a degree 5 / 5
 // rational least-squares fit, |error| < 3e-7) and +-1 beyond (fp32 erf is within 1.6e-8 of it there): GELU
@@ -198,11 +196,8 @@ struct VLog<float, kB> {
 // library, lane by lane.
 template <typename T, int kB = 32>
 struct VGelu {
-  using V = typename simd::Vec<T, kB>::V;
-  static inline V run(V z) {
-    V y;
-    for (int i = 0; i < simd::Vec<T, kB>::N; ++i) y[i] = T(0.5) * z[i] * std::erfc(-z[i] * T(M_SQRT1_2));
-    return y;
+  static inline typename Vec<T, kB>::V run(typename Vec<T, kB>::V z) {
+    return lanewise<T, kB>(z, [](T v) { return T(0.5) * v * std::erfc(-v * T(M_SQRT1_2)); });
   }
 };
 
