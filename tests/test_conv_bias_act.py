@@ -402,6 +402,8 @@ def test_module_plan_is_reused_only_while_everything_it_checked_holds(monkeypatc
     """A no-grad eval call of ConvBNAct reuses the checked arguments of the previous one; any change to the
     input's shape / layout / dtype, the residual, the act, the modules' tensors or settings, grad mode, the
     forced backend or the mode must go through the full path again, and the plan must not keep x alive."""
+    import copy
+    import pickle
     import weakref
 
     import fastops.nn.conv_bn as cb
@@ -475,6 +477,12 @@ def test_module_plan_is_reused_only_while_everything_it_checked_holds(monkeypatc
         m(x), m(x)
     del x
     assert alive() is None
+    # A module that has a plan pickles and deep-copies; the copies compute the same.
+    x = torch.randn(2, 8, 9, 10)
+    with torch.no_grad():
+        y = m(x)
+        for c in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+            assert torch.equal(c(x), y)
 
 
 def test_module_from_timm_conv_norm_act():

@@ -1,6 +1,9 @@
 """fastops.nn.layers.linear_act: act(linear(x)) through a 1x1 conv_bias_act on the CPU when no gradient is needed
 (oneDNN's packed-weight GEMM), plain F.linear otherwise; values against float64 PyTorch in every mode, and a
 weight changed in place, replaced or moved never served stale."""
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn as nn
@@ -85,3 +88,6 @@ def test_reused_arguments_follow_every_change():
         assert_close(linear_act(x, lin, "gelu"), _ref(x, lin, "gelu"), torch.float32)
         lin.bias = None
         assert_close(linear_act(x, lin, "gelu"), _ref(x, lin, "gelu"), torch.float32)
+        y = linear_act(x, lin, "gelu")
+        for c in (pickle.loads(pickle.dumps(lin)), copy.deepcopy(lin)):  # a used Linear still pickles and copies
+            assert torch.equal(linear_act(x, c, "gelu"), y)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .. import backends
 from ..ops.bn_act import bn_act
-from ..ops.conv_bn_act import conv_bn_act, fold_bn, plan_conv_bias_act
+from ..ops.conv_bn_act import conv_bn_act, fold_bn, plan_conv_bias_act, run_conv_bias_act
 
 # Activation modules the fused ops can take over, by their fastops name.
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Identity: "none"}
@@ -71,7 +71,11 @@ class BNFoldCache:
         self.key = None
         self.tensors = ()  # held, so that a replaced tensor's id cannot be reused by its successor
         self.value = None
-        self.plan = None  # (key, fn, prepared args without x and residual)
+        self.plan = None  # (key, backend, prepared args without x and residual)
+
+    def __getstate__(self):
+        # A plan is only valid for the tensors it was made with: a copy starts without one.
+        return dict(self.__dict__, plan=None)
 
     def get(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, weight: torch.Tensor):
         tensors = _fold_tensors(conv, bn)
@@ -104,12 +108,12 @@ class BNFoldCache:
         """The fused op's output through the stored plan, or None when there is none for these arguments."""
         if self.plan is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
-        key, fn, (w, b, stride, pad, dilation, groups, act_) = self.plan
+        key, backend, (w, b, stride, pad, dilation, groups, act_) = self.plan
         tensors = _fold_tensors(conv, bn)
         if (not all(map(operator.is_, self.tensors, tensors)) or _tensor_state(tensors) != self.key[4:]
                 or self.plan_key(x, conv, bn, act, residual) != key):
             return None
-        return fn(x, w, b, residual, stride, pad, dilation, groups, act_)
+        return run_conv_bias_act(backend, (x, w, b, residual, stride, pad, dilation, groups, act_))
 
 
 def conv_bn_act_modules(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str = "relu",
@@ -130,15 +134,15 @@ def conv_bn_act_modules(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, ac
             weight = weight.to(torch.get_autocast_dtype(x.device.type))
         w, b = (fold_cache.get(conv, bn, weight) if fold_cache is not None else
                 fold_bn(weight, conv.bias, bn.weight, bn.bias, rm, rv, bn.eps))
-        fn, args = plan_conv_bias_act("conv_bias_act", x, w, b, conv.stride, conv.padding, conv.dilation,
-                                      conv.groups, act, residual)
+        backend, args = plan_conv_bias_act("conv_bias_act", x, w, b, conv.stride, conv.padding, conv.dilation,
+                                           conv.groups, act, residual)
         if fold_cache is not None and fold_cache.value is not None and args[1] is fold_cache.value[0] \
                 and args[0] is x and args[3] is residual:
             key = fold_cache.plan_key(x, conv, bn, act, residual)
             if key is not None:
                 # Without x and residual: the plan must not keep an activation alive.
-                fold_cache.plan = (key, fn, args[1:3] + args[4:])
-        return fn(*args)
+                fold_cache.plan = (key, backend, args[1:3] + args[4:])
+        return run_conv_bias_act(backend, args)
     return conv_bn_act(x, weight, conv.bias, bn.weight, bn.bias, rm, rv, bn.eps, conv.stride, conv.padding,
                        conv.dilation, conv.groups, act, residual, True, momentum)
 

@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import backends
-from ..ops.conv_bn_act import conv_bias_act, plan_conv_bias_act
+from ..ops.conv_bn_act import conv_bias_act, plan_conv_bias_act, run_conv_bias_act
 
 
 class DropPath(nn.Module):
@@ -71,12 +71,12 @@ def linear_act(x: torch.Tensor, linear: nn.Linear, act: str = "none") -> torch.T
     plan = linear.__dict__.get("_fastops_linear_plan")
     if (plan is not None and plan[0] == x4.shape and plan[1] == x4.stride() and plan[2] == act
             and plan[3] == forced and plan[4] is w4 and plan[5] is b):
-        fn, (w_, b_, stride, pad, dilation, groups, act_) = plan[6:]
-        y = fn(x4, w_, b_, None, stride, pad, dilation, groups, act_)
+        backend, (w_, b_, stride, pad, dilation, groups, act_) = plan[6:]
+        y = run_conv_bias_act(backend, (x4, w_, b_, None, stride, pad, dilation, groups, act_))
     else:
-        fn, args = plan_conv_bias_act("conv_bias_act", x4, w4, b, 1, 0, 1, 1, act, None)
+        backend, args = plan_conv_bias_act("conv_bias_act", x4, w4, b, 1, 0, 1, 1, act, None)
         if args[0] is x4 and args[1] is w4 and args[2] is b:  # kept only when it holds no copies of them
-            linear.__dict__["_fastops_linear_plan"] = (x4.shape, x4.stride(), act, forced, w4, b, fn,
+            linear.__dict__["_fastops_linear_plan"] = (x4.shape, x4.stride(), act, forced, w4, b, backend,
                                                        args[1:3] + args[4:])
-        y = fn(*args)
+        y = run_conv_bias_act(backend, args)
     return y.permute(0, 2, 3, 1).reshape(*lead, linear.out_features)

@@ -1,7 +1,6 @@
 """fastops.conv_bias_act (convolution with a fused bias + residual + activation epilogue) and
 fastops.conv_bn_act (conv -> BatchNorm -> activation, BN folded into the conv in eval mode); backends of the
 conv_bias_act kernel op, its fake kernels and autograd."""
-import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -62,14 +61,14 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 def _conv_bias_act(op, x, weight, bias, stride, padding, dilation, groups, act, residual):
-    fn, args = plan_conv_bias_act(op, x, weight, bias, stride, padding, dilation, groups, act, residual)
-    return fn(*args)
+    return run_conv_bias_act(*plan_conv_bias_act(op, x, weight, bias, stride, padding, dilation, groups, act,
+                                                 residual))
 
 
 def plan_conv_bias_act(op, x, weight, bias, stride, padding, dilation, groups, act, residual):
-    """The checks and argument preparation of :func:`conv_bias_act`: returns ``(fn, args)`` with ``fn(*args)``
-    the call. ``args`` is ``(x, weight, bias, residual, stride, padding, dilation, groups, act)`` as the
-    kernels take them (x / residual replaced by dense copies where they needed one)."""
+    """The checks and argument preparation of :func:`conv_bias_act`: returns ``(backend, args)`` for
+    :func:`run_conv_bias_act`, ``args`` being ``(x, weight, bias, residual, stride, padding, dilation, groups,
+    act)`` as the kernels take them (x / residual replaced by dense copies where they needed one)."""
     stride, pad, dilation = _conv_args(op, x, weight, stride, padding, dilation, groups)
     check_act(op, act)
     x, weight, residual = _checks.autocast_inputs(x.device.type, x, weight, residual)
@@ -87,11 +86,15 @@ def plan_conv_bias_act(op, x, weight, bias, stride, padding, dilation, groups, a
         _checks.same_device_dtype(op, "x", x, "residual", residual)
         residual = as_layout_of(residual, x)
     backend = backends.choose(OP, x.device, x, weight, groups)
-    args = (x, weight, b, residual, stride, pad, dilation, groups, act)
+    return backend, (x, weight, b, residual, stride, pad, dilation, groups, act)
+
+
+def run_conv_bias_act(backend: str, args: tuple) -> torch.Tensor:
+    """The call that :func:`plan_conv_bias_act` prepared, on ``backend``."""
     if backend == "reference":
-        return _ref.conv_bias_act, args
+        return _ref.conv_bias_act(*args)
     kernel = torch.ops.fastops.conv_bias_act_triton if backend == "triton" else torch.ops.fastops.conv_bias_act
-    return functools.partial(_registration.call, kernel), args
+    return _registration.call(kernel, *args)
 
 
 def fold_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],
