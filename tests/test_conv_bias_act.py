@@ -400,8 +400,9 @@ def test_module_convbnact_matches_conv_bn_act_and_refreshes_its_fold():
 
 def test_module_plan_is_reused_only_while_everything_it_checked_holds(monkeypatch):
     """A no-grad eval call of ConvBNAct reuses the checked arguments of the previous one; any change to the
-    input's shape / layout / dtype, the residual, the act, the modules' tensors or settings, grad mode, the
-    forced backend or the mode must go through the full path again, and the plan must not keep x alive."""
+    input's shape / layout / dtype, the residual, the act, the modules' tensors or settings, grad mode,
+    autocast, the forced backend or the mode must go through the full path again, and the plan must not keep
+    x (or an old fold) alive."""
     import copy
     import pickle
     import weakref
@@ -462,9 +463,34 @@ def test_module_plan_is_reused_only_while_everything_it_checked_holds(monkeypatc
         check(xc)
         check(xc, full=False)
     check(xc)
+    with torch.inference_mode():
+        check(xc, full=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the full path, in bf16
+        n = len(planned)
+        with torch.no_grad():
+            assert m(xc).dtype == torch.bfloat16
+        assert len(planned) == n + 1
+    check(xc)  # the autocast call refolded the weights in bf16, which dropped the plan
+    check(xc, full=False)
+    n = len(planned)
     xg = xc.clone().requires_grad_()  # grad mode on: the full path, and a graph
     y = m(xg)
-    assert y.requires_grad
+    assert y.requires_grad and len(planned) == n + 1
+    with torch.no_grad():
+        m.conv.weight.add_(0.1)
+    for p_ in m.parameters():
+        p_.requires_grad_(False)
+    # Grad mode on, nothing requiring grad: refolded and cached, but no plan made; the old one, which holds
+    # the old fold, is dropped.
+    assert_close(m(xc), F.relu(m.bn(m.conv(xc))), torch.float32)
+    assert m._fold.plan is None
+    for p_ in m.parameters():
+        p_.requires_grad_(True)
+    m.double()  # dtype: the full path
+    check(xc.double(), act=lambda z: F.relu(z))
+    check(xc.double(), full=False)
+    m.float()
+    check(xc)
     m.train()
     with torch.no_grad():
         y = m(xc)  # training: batch statistics, not the plan

@@ -70,24 +70,45 @@ def test_weight_changes_are_seen():
         assert_close(y, _ref(x, lin, "gelu"), torch.float64)
 
 
-def test_reused_arguments_follow_every_change():
-    """linear_act keeps the checked arguments of its last call on the module; a different token count,
-    strided tokens, another act or bias tensor, or an in-place bias change must all be served fresh."""
+def test_reused_arguments_follow_every_change(monkeypatch):
+    """linear_act keeps the checked arguments of its last call for its Linear; a different token count,
+    strided tokens, another act or bias tensor, an in-place bias change or autocast must all be served
+    fresh, and copies of the module start without them."""
+    import fastops.nn.layers as layers
+
+    planned = []
+    real_plan = layers.plan_conv_bias_act
+    monkeypatch.setattr(layers, "plan_conv_bias_act", lambda *a: planned.append(1) or real_plan(*a))
+
+    def check(x, act, full):
+        n = len(planned)
+        assert_close(linear_act(x, lin, act), _ref(x, lin, act), torch.float32)
+        assert len(planned) == n + full, "full path" if full else "reused"
+
     torch.manual_seed(3)
     lin = nn.Linear(16, 24)
     big = torch.randn(2, 9, 40)
+    x = torch.randn(2, 9, 16)
     with torch.no_grad():
-        x = torch.randn(2, 9, 16)
-        for x, act in [(x, "none"), (torch.randn(2, 9, 16), "none"), (x, "gelu"), (torch.randn(5, 16), "gelu"),
-                       (big[..., 3:19], "none"), (big[..., 3:19], "gelu"), (x, "none")]:
-            assert_close(linear_act(x, lin, act), _ref(x, lin, act), torch.float32)
-        x = torch.randn(2, 9, 16)
-        lin.bias.add_(1.0)  # in place
-        assert_close(linear_act(x, lin, "gelu"), _ref(x, lin, "gelu"), torch.float32)
+        for xi, act, full in [(x, "none", 1), (torch.randn(2, 9, 16), "none", 0), (x, "gelu", 1), (x, "gelu", 0),
+                              (torch.randn(5, 16), "gelu", 1), (big[..., 3:19], "none", 1),
+                              (big[..., 3:19], "none", 1),  # strided tokens are copied: never reused
+                              (x, "none", 1)]:
+            check(xi, act, full)
+        lin.bias.add_(1.0)  # in place: the same tensor, reused, the new values seen
+        check(x, "none", 0)
         lin.bias = nn.Parameter(torch.randn(24))  # replaced
-        assert_close(linear_act(x, lin, "gelu"), _ref(x, lin, "gelu"), torch.float32)
+        check(x, "none", 1)
         lin.bias = None
-        assert_close(linear_act(x, lin, "gelu"), _ref(x, lin, "gelu"), torch.float32)
+        check(x, "none", 1)
+        check(x, "none", 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the full path, in bf16
+            n = len(planned)
+            assert linear_act(x, lin, "none").dtype == torch.bfloat16
+            assert len(planned) == n + 1
+        check(x, "none", 0)
         y = linear_act(x, lin, "gelu")
-        for c in (pickle.loads(pickle.dumps(lin)), copy.deepcopy(lin)):  # a used Linear still pickles and copies
+        for c in (pickle.loads(pickle.dumps(lin)), copy.deepcopy(lin)):  # copies start without a plan
+            n = len(planned)
             assert torch.equal(linear_act(x, c, "gelu"), y)
+            assert len(planned) == n + 1

@@ -67,11 +67,13 @@ class BNFoldCache:
     dtype and device, the same modules in the same state and no gradient needed goes straight to the op:
     the argument checks cost ~25 us a call in Python, a quarter of a small layer's time at batch 1."""
 
+    plan = None  # (key, backend, prepared args without x and residual); a class default for old pickles
+
     def __init__(self):
         self.key = None
         self.tensors = ()  # held, so that a replaced tensor's id cannot be reused by its successor
         self.value = None
-        self.plan = None  # (key, backend, prepared args without x and residual)
+        self.plan = None
 
     def __getstate__(self):
         # A plan is only valid for the tensors it was made with: a copy starts without one.
@@ -91,6 +93,7 @@ class BNFoldCache:
             with torch.inference_mode(False), torch.no_grad():
                 self.value = fold_bn(weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
             self.key, self.tensors = key, tensors
+            self.plan = None  # it holds the old fold
         return self.value
 
     def plan_key(self, x, conv, bn, act, residual):

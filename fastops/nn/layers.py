@@ -1,4 +1,6 @@
 """Small building blocks the fastops modules and models share."""
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,6 +46,10 @@ def _weight_1x1(linear: nn.Linear) -> torch.Tensor:
     return w4
 
 
+# linear_act's reusable arguments per Linear module (see there).
+_LINEAR_PLANS: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
+
+
 def linear_act(x: torch.Tensor, linear: nn.Linear, act: str = "none") -> torch.Tensor:
     """``act(linear(x))`` for x (..., in_features) -> (..., out_features); act ``"none"`` or ``"gelu"``
     (exact).
@@ -56,27 +62,27 @@ def linear_act(x: torch.Tensor, linear: nn.Linear, act: str = "none") -> torch.T
     ``cpu`` is forced, plain ``F.linear`` (+ GELU).
     """
     w, b = linear.weight, linear.bias
-    forced = backends.forced_backend()
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
     if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or needs_grad
             or x.dim() < 2 or x.shape[-1] != linear.in_features or x.numel() == 0 or torch.compiler.is_compiling()
-            or forced not in (None, "cpu")):
+            or (forced := backends.forced_backend()) not in (None, "cpu")):
         y = F.linear(x, w, b)
         return F.gelu(y) if act == "gelu" else y
     lead, cin = x.shape[:-1], x.shape[-1]
     x4 = x.reshape(1, -1, 1, cin).permute(0, 3, 1, 2)
     w4 = _weight_1x1(linear)
     # The checked arguments of the last call are reused while the token map's shape and strides, the act,
-    # the forced backend and the weight / bias tensors are the same (the checks cost ~20 us a call).
-    plan = linear.__dict__.get("_fastops_linear_plan")
+    # the forced backend and the weight / bias tensors are the same, outside autocast (the checks cost ~20 us
+    # a call). Kept beside the module, not on it: copies and pickles of the module start without one.
+    autocast = torch.is_autocast_enabled("cpu")
+    plan = None if autocast else _LINEAR_PLANS.get(linear)
     if (plan is not None and plan[0] == x4.shape and plan[1] == x4.stride() and plan[2] == act
             and plan[3] == forced and plan[4] is w4 and plan[5] is b):
         backend, (w_, b_, stride, pad, dilation, groups, act_) = plan[6:]
         y = run_conv_bias_act(backend, (x4, w_, b_, None, stride, pad, dilation, groups, act_))
     else:
         backend, args = plan_conv_bias_act("conv_bias_act", x4, w4, b, 1, 0, 1, 1, act, None)
-        if args[0] is x4 and args[1] is w4 and args[2] is b:  # kept only when it holds no copies of them
-            linear.__dict__["_fastops_linear_plan"] = (x4.shape, x4.stride(), act, forced, w4, b, backend,
-                                                       args[1:3] + args[4:])
+        if not autocast and args[0] is x4 and args[1] is w4 and args[2] is b:  # no copies of them in it
+            _LINEAR_PLANS[linear] = (x4.shape, x4.stride(), act, forced, w4, b, backend, args[1:3] + args[4:])
         y = run_conv_bias_act(backend, args)
     return y.permute(0, 2, 3, 1).reshape(*lead, linear.out_features)
