@@ -8,7 +8,8 @@ import torch.nn as nn
 
 from .. import backends
 from ..ops.bn_act import bn_act
-from ..ops.conv_bn_act import conv_bn_act, fold_bn, plan_conv_bias_act, run_conv_bias_act
+from ..ops.conv_bn_act import (conv_bn_act, fold_bn, plan_conv_bias_act, reusable_part, run_conv_bias_act,
+                               run_reusable_part)
 
 # Activation modules the fused ops can take over, by their fastops name.
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Identity: "none"}
@@ -67,7 +68,7 @@ class BNFoldCache:
     dtype and device, the same modules in the same state and no gradient needed goes straight to the op:
     the argument checks cost ~25 us a call in Python, a quarter of a small layer's time at batch 1."""
 
-    plan = None  # (key, backend, prepared args without x and residual); a class default for old pickles
+    plan = None  # (key, ops.conv_bn_act.reusable_part); a class default for old pickles
 
     def __init__(self):
         self.key = None
@@ -111,12 +112,12 @@ class BNFoldCache:
         """The fused op's output through the stored plan, or None when there is none for these arguments."""
         if self.plan is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
-        key, backend, (w, b, stride, pad, dilation, groups, act_) = self.plan
+        key, part = self.plan
         tensors = _fold_tensors(conv, bn)
         if (not all(map(operator.is_, self.tensors, tensors)) or _tensor_state(tensors) != self.key[4:]
                 or self.plan_key(x, conv, bn, act, residual) != key):
             return None
-        return run_conv_bias_act(backend, (x, w, b, residual, stride, pad, dilation, groups, act_))
+        return run_reusable_part(part, x, residual)
 
 
 def conv_bn_act_modules(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str = "relu",
@@ -139,12 +140,11 @@ def conv_bn_act_modules(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, ac
                 fold_bn(weight, conv.bias, bn.weight, bn.bias, rm, rv, bn.eps))
         backend, args = plan_conv_bias_act("conv_bias_act", x, w, b, conv.stride, conv.padding, conv.dilation,
                                            conv.groups, act, residual)
-        if fold_cache is not None and fold_cache.value is not None and args[1] is fold_cache.value[0] \
-                and args[0] is x and args[3] is residual:
+        if fold_cache is not None and fold_cache.value is not None and w is fold_cache.value[0]:
             key = fold_cache.plan_key(x, conv, bn, act, residual)
-            if key is not None:
-                # Without x and residual: the plan must not keep an activation alive.
-                fold_cache.plan = (key, backend, args[1:3] + args[4:])
+            part = reusable_part(backend, args, x, w, b, residual)
+            if key is not None and part is not None:
+                fold_cache.plan = (key, part)
         return run_conv_bias_act(backend, args)
     return conv_bn_act(x, weight, conv.bias, bn.weight, bn.bias, rm, rv, bn.eps, conv.stride, conv.padding,
                        conv.dilation, conv.groups, act, residual, True, momentum)

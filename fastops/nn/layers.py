@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import backends
-from ..ops.conv_bn_act import conv_bias_act, plan_conv_bias_act, run_conv_bias_act
+from ..ops.conv_bn_act import conv_bias_act, plan_conv_bias_act, reusable_part, run_conv_bias_act, run_reusable_part
 
 
 class DropPath(nn.Module):
@@ -78,11 +78,11 @@ def linear_act(x: torch.Tensor, linear: nn.Linear, act: str = "none") -> torch.T
     plan = None if autocast else _LINEAR_PLANS.get(linear)
     if (plan is not None and plan[0] == x4.shape and plan[1] == x4.stride() and plan[2] == act
             and plan[3] == forced and plan[4] is w4 and plan[5] is b):
-        backend, (w_, b_, stride, pad, dilation, groups, act_) = plan[6:]
-        y = run_conv_bias_act(backend, (x4, w_, b_, None, stride, pad, dilation, groups, act_))
+        y = run_reusable_part(plan[6], x4, None)
     else:
         backend, args = plan_conv_bias_act("conv_bias_act", x4, w4, b, 1, 0, 1, 1, act, None)
-        if not autocast and args[0] is x4 and args[1] is w4 and args[2] is b:  # no copies of them in it
-            _LINEAR_PLANS[linear] = (x4.shape, x4.stride(), act, forced, w4, b, backend, args[1:3] + args[4:])
+        part = reusable_part(backend, args, x4, w4, b, None)
+        if not autocast and part is not None:
+            _LINEAR_PLANS[linear] = (x4.shape, x4.stride(), act, forced, w4, b, part)
         y = run_conv_bias_act(backend, args)
     return y.permute(0, 2, 3, 1).reshape(*lead, linear.out_features)

@@ -115,8 +115,8 @@ def bn_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch
     if backend == "reference":
         return _ref.bn_act(x, weight, bias, running_mean, running_var, eps, act, residual, training, momentum)
     op = torch.ops.fastops.bn_act_triton if backend == "triton" else torch.ops.fastops.bn_act
-    out, mean, var = _registration.call(op, x, w, b, None if training else rm, None if training else rv, residual, float(eps), act,
-                        training)
+    out, mean, var = _registration.call(op, x, w, b, None if training else rm, None if training else rv, residual,
+                                        float(eps), act, training)
     if training:
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return out

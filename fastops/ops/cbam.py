@@ -93,8 +93,8 @@ def cbam(
     fn = torch.ops.fastops.cbam_triton if backend == "triton" else torch.ops.fastops.cbam
     # Eval normalises with the running stats; training with the batch stats the kernel computes.
     out, _, _, stats = _registration.call(fn, x, w1, b1, w2, b2, conv_weight.contiguous(), bn_weight, bn_bias,
-                          bn_running_mean.to(_ac.acc_dtype(x)), bn_running_var.to(_ac.acc_dtype(x)), float(bn_eps),
-                          bool(training), act, gate)
+                                          bn_running_mean.to(_ac.acc_dtype(x)), bn_running_var.to(_ac.acc_dtype(x)),
+                                          float(bn_eps), bool(training), act, gate)
     if training:
         with torch.no_grad():
             unbiased = stats[1] * (count / (count - 1))

@@ -97,6 +97,22 @@ def run_conv_bias_act(backend: str, args: tuple) -> torch.Tensor:
     return _registration.call(kernel, *args)
 
 
+def reusable_part(backend: str, args: tuple, x, weight, bias, residual) -> Optional[tuple]:
+    """The part of a prepared call that can serve later calls on other inputs of the same kind: ``(backend,
+    args without x and residual)``; None when the preparation replaced x, weight, bias or residual by a copy
+    (a later call would need the same conversion). It holds no activation. The caller decides what the part
+    stays valid for."""
+    if args[0] is x and args[1] is weight and args[2] is bias and args[3] is residual:
+        return backend, args[1:3] + args[4:]
+    return None
+
+
+def run_reusable_part(part: tuple, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`run_conv_bias_act` of a :func:`reusable_part` on a new x (and residual)."""
+    backend, (weight, bias, stride, pad, dilation, groups, act) = part
+    return run_conv_bias_act(backend, (x, weight, bias, residual, stride, pad, dilation, groups, act))
+
+
 def fold_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],
             bn_bias: Optional[torch.Tensor], running_mean: torch.Tensor, running_var: torch.Tensor,
             eps: float) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -97,8 +97,8 @@ def spatial_reduction(
     if backend == "reference":
         return _ref.spatial_reduction(x, (H, W), w, b, nw, nb, k, linear, float(eps))
     fn = torch.ops.fastops.spatial_reduction_triton if backend == "triton" else torch.ops.fastops.spatial_reduction
-    return _registration.call(fn, x.contiguous(), [H, W], w.contiguous(), None if b is None else b.contiguous(), nw.contiguous(),
-              nb.contiguous(), k, linear, float(eps))[0]
+    return _registration.call(fn, x.contiguous(), [H, W], w.contiguous(), None if b is None else b.contiguous(),
+                              nw.contiguous(), nb.contiguous(), k, linear, float(eps))[0]
 
 
 def _cuda_limits(x, C=1, k=1) -> Optional[str]:
