@@ -236,6 +236,60 @@ def test_gradcheck_cpu_float64(training, groups):
     assert torch.autograd.gradcheck(f, inputs)
 
 
+# 1x1 / stride 1 / channels_last fp32 convolutions with up to 768 input channels run as fastops' own GEMM on
+# the CPU (csrc/cpu/gemm_kernels.h): output channels that fill 1-4 vectors of a panel, several panels, a partial
+# last vector; pixel counts that leave a partial tile or chunk; K = 769 past the GEMM's limit (oneDNN's path).
+@pytest.mark.parametrize("n, h, w", [(1, 5, 7), (2, 9, 11), (3, 16, 13)], ids=lambda v: str(v))
+@pytest.mark.parametrize("ci, co", [(1, 16), (5, 7), (24, 48), (32, 64), (96, 96), (17, 112), (40, 200), (768, 40),
+                                    (769, 24)])
+def test_cpu_1x1_channels_last_gemm(n, h, w, ci, co):
+    g = torch.Generator().manual_seed(ci * 1000 + co + h)
+    x = torch.randn(n, ci, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(co, ci, 1, 1, generator=g) / ci ** 0.5
+    b = torch.randn(co, generator=g)
+    r = torch.randn(n, co, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    for act in ACTS:
+        for bias, res in ((b, r), (None, None), (b, None)):
+            poison_allocator(n * co * h * w)
+            with fastops.use_backend("cpu"):
+                y = fastops.conv_bias_act(x, wt, bias, 1, 0, 1, 1, act, res)
+            ref = ref_conv_bias_act(x.double(), wt.double(), None if bias is None else bias.double(),
+                                    None if res is None else res.double(), [1, 1], [0] * 4, [1, 1], 1, act)
+            if is_channels_last(x):  # (one input channel: both layouts, taken as NCHW)
+                assert y.is_contiguous(memory_format=torch.channels_last)
+            assert_close(y, ref, torch.float32, f"{act} bias={bias is not None} residual={res is not None}")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_1x1_gemm_streamed_and_threads(threads, monkeypatch):
+    """The GEMM's streamed-store path (an output over the cache share: here any) on 1 and 3 threads, with the
+    rows split across threads in units that are not whole chunks."""
+    monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", "0")
+    x = torch.randn(1, 96, 29, 31).contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(160, 96, 1, 1) / 96 ** 0.5
+    b, r = torch.randn(160), torch.randn(1, 160, 29, 31).contiguous(memory_format=torch.channels_last)
+    with cpu_threads(threads), fastops.use_backend("cpu"):
+        y = fastops.conv_bias_act(x, wt, b, 1, 0, 1, 1, "gelu", r)
+    ref = ref_conv_bias_act(x.double(), wt.double(), b.double(), r.double(), [1, 1], [0] * 4, [1, 1], 1, "gelu")
+    assert_close(y, ref, torch.float32)
+
+
+def test_cpu_1x1_gemm_weight_changes_are_seen():
+    """The packed weight panels kept between calls are rebuilt when the weight changes in place or is replaced."""
+    x = torch.randn(2, 32, 6, 5).contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(48, 32, 1, 1) / 32 ** 0.5
+
+    def check(weight):
+        with fastops.use_backend("cpu"):
+            y = fastops.conv_bias_act(x, weight, None, 1, 0, 1, 1, "none", None)
+        assert_close(y, F.conv2d(x.double(), weight.double()), torch.float32)
+
+    check(wt)
+    wt.mul_(-2)
+    check(wt)
+    check(torch.randn(48, 32, 1, 1))
+
+
 def _op_args(case=CASES[1], dtype=torch.float32):
     (x, w, cb, bw, bb, r), _, o = _case(case, dtype)
     b = torch.randn(w.shape[0])

@@ -25,6 +25,7 @@
 #include "common.h"
 #include "conv_bn_checks.h"
 #include "cpu/depthwise_kernels.h"
+#include "cpu/gemm_kernels.h"
 
 namespace fastops {
 namespace {
@@ -98,7 +99,8 @@ bool use_onednn(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef paddi
   return a.cl || w.numel() <= a.g.N * a.Cout * a.g.OH * a.g.OW;
 }
 
-// Weights reordered into oneDNN's blocked layout, kept between calls for channels_last inputs. Given a
+// Weights reordered into oneDNN's blocked layout (or packed into gemm_kernels.h's panels), kept between calls
+// for channels_last inputs. Given a
 // plain weight, oneDNN reorders it on every call: at batch 1 that is most of a ResNet-50 layer 4 3x3
 // convolution (2.2 ms of it against 1.0 ms prepacked, 2 threads), at batch 8 still ~15% (8.2 against
 // 6.8 ms). One entry per weight tensor, held weakly (a dead weight's packed copy is freed by the next call
@@ -115,15 +117,40 @@ class PackedWeights {
     return *cache;
   }
 
-  // The packed form of w for this call, or w itself when it is not to be cached.
+  // The oneDNN-reordered form of w for this call, or w itself when it is not to be cached.
   at::Tensor lookup(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef stride, c10::IntArrayRef padding,
                     c10::IntArrayRef dilation, int64_t groups) {
     // NCHW input with a packed weight comes back channels_last and would need a transpose: slower than
     // the per-call reorder it saves (ResNet-50 1x1 convolutions at batch 8: up to 2x).
     if (!is_channels_last(x) || w.requires_grad() || w.is_inference()) return w;
+    static const auto reorder = c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_convolution_weight", ""});
+    if (!reorder) return w;
     std::vector<int64_t> key(x.sizes().begin(), x.sizes().end());
     for (c10::IntArrayRef a : {stride, padding, dilation}) key.insert(key.end(), a.begin(), a.end());
     key.push_back(groups);
+    return find_or_make(w, std::move(key), [&] {
+      return reorder->typed<at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                                       at::OptionalIntArrayRef)>()
+          .call(w.contiguous(), padding, stride, dilation, groups, x.sizes());
+    });
+  }
+
+  // A 1x1 weight (N, K, 1, 1) packed into gemm::pack's panels; packed anew on every call where w is not to
+  // be cached.
+  at::Tensor gemm_panels(const at::Tensor& w) {
+    auto make = [&] {
+      const at::Tensor wc = w.contiguous();
+      at::Tensor out = at::empty({gemm::packed_numel(w.size(0), w.size(1))}, w.options());
+      gemm::pack(wc.data_ptr<float>(), w.size(0), w.size(1), out.data_ptr<float>());
+      return out;
+    };
+    if (w.requires_grad() || w.is_inference()) return make();
+    return find_or_make(w, {-1}, make);  // (no input size in the key: the panels do not depend on it)
+  }
+
+ private:
+  template <typename Make>
+  at::Tensor find_or_make(const at::Tensor& w, std::vector<int64_t> key, Make make) {
     const c10::TensorImpl* impl = w.unsafeGetTensorImpl();
     const auto version = impl->version_counter().current_version();
     std::lock_guard<std::mutex> lock(mu_);
@@ -136,13 +163,8 @@ class PackedWeights {
         e.used = clock_;
         return e.packed;
       }
-    static const auto reorder = c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_convolution_weight", ""});
-    if (!reorder) return w;
     c10::InferenceMode normal_tensors(false);  // the entry outlives an inference_mode block it may be made in
-    at::Tensor packed =
-        reorder->typed<at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                                  at::OptionalIntArrayRef)>()
-            .call(w.contiguous(), padding, stride, dilation, groups, x.sizes());
+    at::Tensor packed = make();
     // Drop this weight's stale entry, then the least recently used while full.
     entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [&](const Entry& e) { return e.impl == impl; }),
                    entries_.end());
@@ -154,7 +176,6 @@ class PackedWeights {
     return packed;
   }
 
- private:
   // A ResNet-152's convolutions at two input sizes fit.
   static constexpr size_t kMaxEntries = 512;
   struct Entry {
@@ -203,6 +224,29 @@ at::Tensor onednn_conv_act(const at::Tensor& x, const at::Tensor& w_plain, const
       act == Act::kRelu ? c10::optional<c10::string_view>(c10::string_view(uname)) : c10::nullopt;
   return op.call(x, *res, w, b, pad, stride, dilation, groups, "add", c10::nullopt, un,
                  c10::List<c10::optional<at::Scalar>>(), c10::nullopt);
+}
+
+// fp32 1x1 convolutions with stride 1, no padding and one group over channels_last maps are a GEMM over the
+// pixels, which gemm_kernels.h runs with the epilogue in its accumulators (for K up to its kMaxK).
+bool use_gemm(const at::Tensor& x, const ConvArgs& a, int64_t groups) {
+  const Conv2dGeom& g = a.g;
+  return x.scalar_type() == at::kFloat && a.cl && groups == 1 && g.KH == 1 && g.KW == 1 && g.SH == 1 &&
+         g.SW == 1 && g.PT == 0 && g.PL == 0 && g.PB == 0 && g.PR == 0 && g.C <= gemm::kMaxK && x.numel() > 0;
+}
+
+at::Tensor gemm_conv_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, const at::Tensor* res,
+                         Act act, const ConvArgs& a) {
+  at::Tensor y = at::empty({a.g.N, a.Cout, a.g.OH, a.g.OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const at::Tensor panels = PackedWeights::get().gemm_panels(w);
+  std::vector<float> b = bias_vec<float>(bias, a.Cout);
+  b.resize(gemm::packed_numel(a.Cout, 1), 0.f);
+  float* yp = y.data_ptr<float>();
+  const bool stream = simd::kWideBytes == 64 && a.Cout % 16 == 0 && (reinterpret_cast<uintptr_t>(yp) & 63) == 0 &&
+                      simd::should_stream(y.nbytes());
+  const gemm::Args g{x.data_ptr<float>(), a.g.C, panels.data_ptr<float>(), b.data(), res ? res->data_ptr<float>() : nullptr,
+                     yp, a.g.N * a.g.H * a.g.W, a.g.C, a.Cout, stream};
+  gemm::run(g, act);
+  return y;
 }
 
 // Depthwise forward with bias folded into the accumulator; when `act` or `res` is there it is applied to
@@ -258,6 +302,7 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight, c
     });
     return y;
   }
+  if (use_gemm(x, a, groups)) return gemm_conv_act(x, weight, bias, r ? &res : nullptr, act, a);
   if (use_onednn(x, weight, padding, a) && x.numel() > 0) {
     at::Tensor y =
         onednn_conv_act(x, weight, bias, r ? &res : nullptr, act, stride, padding, dilation, groups).contiguous(a.fmt);

@@ -1,0 +1,181 @@
+// fp32 GEMM with a fused epilogue, for 1x1 convolutions (stride 1, no padding, groups 1) over channels_last
+// maps, and so for the Linear layers that linear_act passes as such:
+//
+//   y[m, n] = act(sum_k x[m, k] w[n, k] + bias[n] + r[m, n]),  x (M, K), w (N, K), r and y (M, N), row-major.
+//
+// Why not oneDNN here: the Linear layers of Swin-T / PVTv2 and the 1x1 convolutions of MobileNetV2 have
+// few input or output channels (K or N of 16-384) and many tokens. oneDNN ran those at 90-180 GFLOP/s on a
+// 2-core AVX-512 EPYC whose FMA ceiling is ~230; this kernel, with all of the weight kept packed in L2 and
+// the activation applied to the accumulators, at 185-225 (K = 32-192, timing loop).
+//
+// Structure: the weight is packed once into panels of kNR columns ([K][nv * kL] each, zero-padded to whole
+// vectors). Each parallel task takes kChunkRows rows of x; for every panel it runs register tiles of
+// rows_for(nv) rows x nv vectors over those rows, so the chunk of x stays in L2 while every panel passes
+// over it, and a panel's rows stay in L1 while the tiles of a chunk pass over it. Accumulation in fp32,
+// starting from the bias; rows and columns past the ends are computed on clamped rows and zero-padded
+// columns and never stored, so no read or write leaves the tensors.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+
+#include "cpu/depthwise_kernels.h"
+#include "cpu/simd.h"
+#include "cpu/stream_store.h"
+
+namespace fastops {
+namespace gemm {
+
+using bnact::Act;
+using W = simd::Vec<float, simd::kWideBytes>;
+constexpr int kL = W::N;
+// Vectors per panel row, and so the panel width: 4 x 16 floats with AVX-512's 32 registers, 2 x 8 with
+// AVX2's 16.
+constexpr int kMaxNV = simd::kWideBytes == 64 ? 4 : 2;
+constexpr int64_t kNR = kMaxNV * kL;
+
+// Tile rows for nv vectors per row: rows x nv accumulators plus nv panel vectors and a broadcast must fit
+// the registers (AVX-512: 6 x 4, 8 x 3, 12 x 2, 12 x 1; AVX2: 6 x 2, 12 x 1).
+constexpr int rows_for(int nv) {
+  return nv == 1 ? 12 : nv == 2 ? (kMaxNV == 4 ? 12 : 6) : nv == 3 ? 8 : 6;
+}
+// Rows a thread runs every panel over before it moves on: a multiple of every tile height.
+constexpr int64_t kChunkRows = 72;
+
+// K beyond which the 1x1 path leaves the GEMM to oneDNN: the kernel does not block K; at K = 768 the two
+// ran alike (Swin-T stage 4), at 1024 this one was 10% slower (PVTv2-b0 stage 4 fc2).
+constexpr int64_t kMaxK = 768;
+
+// Floats of the packed weight of an (N, K) one: every panel as wide as its whole vectors.
+inline int64_t packed_numel(int64_t N, int64_t K) { return (N + kL - 1) / kL * kL * K; }
+
+inline int panel_vectors(int64_t N, int64_t p) {
+  const int64_t cols = std::min<int64_t>(kNR, N - p * kNR);
+  return static_cast<int>((cols + kL - 1) / kL);
+}
+
+// w (N, K) row-major -> panels: panel p (columns [p kNR, p kNR + nv kL)) at p * kNR * K, laid out [K][nv kL].
+inline void pack(const float* w, int64_t N, int64_t K, float* out) {
+  const int64_t panels = (N + kNR - 1) / kNR;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t width = panel_vectors(N, p) * kL, n0 = p * kNR;
+      float* dst = out + p * kNR * K;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < width; ++j) dst[k * width + j] = n0 + j < N ? w[(n0 + j) * K + k] : 0.f;
+    }
+  });
+}
+
+// The first n (< kL) floats at p as a vector, zeros after; and its inverse for stores.
+inline W::V load_part(const float* p, int64_t n) {
+  float t[kL] = {};
+  std::memcpy(t, p, sizeof(float) * n);
+  return W::load(t);
+}
+inline void store_part(float* p, W::V v, int64_t n) {
+  float t[kL];
+  W::store(t, v);
+  std::memcpy(p, t, sizeof(float) * n);
+}
+
+struct Args {
+  const float* x;       // (M, K), row stride lda
+  int64_t lda;
+  const float* packed;  // pack()'s panels
+  const float* bias;    // packed_numel(N, 1) floats, zero-padded; zeros for no bias
+  const float* r;       // (M, N) residual, row stride N, or null
+  float* y;             // (M, N), row stride N
+  int64_t M, K, N;
+  bool stream;          // y written around the cache (AVX-512, N % 16 == 0, y 64-byte aligned)
+};
+
+// One tile: `rows` (<= MR) rows from m0, the nv vectors of panel p.
+template <int NV, Act A>
+inline void tile(const Args& g, int64_t m0, int64_t rows, int64_t p) {
+  constexpr int MR = rows_for(NV);
+  const int64_t K = g.K, n0 = p * kNR, cols = std::min<int64_t>(NV * kL, g.N - n0);
+  const float* __restrict__ bp = g.packed + p * kNR * K;
+  const float* ap[MR];
+  for (int i = 0; i < MR; ++i) ap[i] = g.x + (m0 + std::min<int64_t>(i, rows - 1)) * g.lda;
+  typename W::V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int j = 0; j < NV; ++j) {
+    const typename W::V b = W::load(g.bias + n0 + j * kL);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) acc[i][j] = b;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    typename W::V b[NV];
+#pragma GCC unroll 16
+    for (int j = 0; j < NV; ++j) b[j] = W::load(bp + k * (NV * kL) + j * kL);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      // (x - 0 rather than 0 + x: the compiler may drop the former, not the latter, which is -0's sign.)
+      const typename W::V a = ap[i][k] - typename W::V{};
+#pragma GCC unroll 16
+      for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
+    }
+  }
+  const bool whole = cols == NV * kL;
+  for (int i = 0; i < MR; ++i) {
+    if (i >= rows) break;
+    float* yr = g.y + (m0 + i) * g.N + n0;
+    const float* rr = g.r ? g.r + (m0 + i) * g.N + n0 : nullptr;
+#pragma GCC unroll 16
+    for (int j = 0; j < NV; ++j) {
+      const int64_t left = cols - j * kL;
+      if (left <= 0) break;
+      typename W::V z = acc[i][j];
+      if (rr) z += left >= kL ? W::load(rr + j * kL) : load_part(rr + j * kL, left);
+      z = chan::act_v<A, simd::kWideBytes>(z);
+      if (left < kL) store_part(yr + j * kL, z, left);
+      else if (whole && g.stream) simd::store_vec<true, float, float, simd::kWideBytes>(yr + j * kL, z);
+      else W::store(yr + j * kL, z);
+    }
+  }
+}
+
+template <int NV, Act A>
+inline void panel_rows(const Args& g, int64_t m0, int64_t m1, int64_t p) {
+  constexpr int MR = rows_for(NV);
+  for (int64_t m = m0; m < m1; m += MR) tile<NV, A>(g, m, std::min<int64_t>(MR, m1 - m), p);
+}
+
+template <Act A>
+void run_act(const Args& g) {
+  const int64_t panels = (g.N + kNR - 1) / kNR;
+  // The threads split the rows in units of the tile heights in use, not of whole chunks: Swin-T stage 4's
+  // 392 rows in chunks of 72 gave the threads 216 and 176 rows (~10% of the layer lost waiting).
+  const int64_t last = rows_for(panel_vectors(g.N, panels - 1)), full = panels > 1 ? rows_for(kMaxNV) : last;
+  const int64_t unit = std::lcm(last, full), units = (g.M + unit - 1) / unit;
+  at::parallel_for(0, units, std::max<int64_t>(1, kChunkRows / unit), [&](int64_t u0, int64_t u1) {
+    const int64_t end = std::min(g.M, u1 * unit);
+    for (int64_t m0 = u0 * unit; m0 < end; m0 += kChunkRows) {
+      const int64_t m1 = std::min(end, m0 + kChunkRows);
+      for (int64_t p = 0; p < panels; ++p) {
+        switch (panel_vectors(g.N, p)) {
+          case 1: panel_rows<1, A>(g, m0, m1, p); break;
+          case 2: panel_rows<2, A>(g, m0, m1, p); break;
+#if defined(__AVX512F__)
+          case 3: panel_rows<3, A>(g, m0, m1, p); break;
+          case 4: panel_rows<4, A>(g, m0, m1, p); break;
+#endif
+          default: break;
+        }
+      }
+    }
+    if (g.stream) simd::stream_fence();
+  });
+}
+
+inline void run(const Args& g, Act act) {
+  chan::dispatch_act(act, [&](auto ac) { run_act<decltype(ac)::value>(g); });
+}
+
+}  // namespace gemm
+}  // namespace fastops
