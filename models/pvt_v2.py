@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from fastops.nn import MlpWithDepthwiseConv, SRAttention
-from fastops.nn.layers import DropPath
+from fastops.nn.layers import DropPath, acts_as_identity
 
 from . import register_model
 
@@ -81,7 +81,14 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, feat_size: Sequence[int]) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), feat_size))
+        # With the drop path an identity (eval), the shortcut goes into the attention's and the MLP's last
+        # GEMM (their epilogue, when fused).
+        if acts_as_identity(self.drop_path1):
+            x = self.attn(self.norm1(x), feat_size, residual=x)
+        else:
+            x = x + self.drop_path1(self.attn(self.norm1(x), feat_size))
+        if acts_as_identity(self.drop_path2):
+            return self.mlp(self.norm2(x), feat_size, residual=x)
         return x + self.drop_path2(self.mlp(self.norm2(x), feat_size))
 
 

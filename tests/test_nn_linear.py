@@ -112,3 +112,42 @@ def test_reused_arguments_follow_every_change(monkeypatch):
             n = len(planned)
             assert torch.equal(linear_act(x, c, "gelu"), y)
             assert len(planned) == n + 1
+
+
+@pytest.mark.parametrize("act", ["none", "gelu"])
+def test_residual(act, monkeypatch):
+    """act(linear(x) + residual): fused (the residual in the GEMM's epilogue) without grad, through F.linear with
+    it; a plan made without a residual is not reused with one, nor the other way round, nor for a residual of
+    rows with gaps between them; a residual of another shape falls back to PyTorch's broadcasting add."""
+    import fastops.nn.layers as layers
+
+    planned = []
+    real_plan = layers.plan_conv_bias_act
+    monkeypatch.setattr(layers, "plan_conv_bias_act", lambda *a: planned.append(1) or real_plan(*a))
+    torch.manual_seed(4)
+    lin = nn.Linear(24, 40)
+    x = torch.randn(2, 7, 24)
+    r = torch.randn(2, 7, 40)
+
+    def ref(res):
+        y = F.linear(x.double(), lin.weight.double(), lin.bias.double()) + res.double()
+        return F.gelu(y) if act == "gelu" else y
+
+    with torch.no_grad():
+        wide = torch.randn(2, 7, 80)
+        for res, full in [(r, 1), (torch.randn(2, 7, 40), 0), (None, 1), (r, 1),
+                          (r.transpose(0, 1).contiguous().transpose(0, 1), 0),  # copied into token rows: reused
+                          (wide[..., 10:50], 1), (wide[..., 10:50], 1)]:  # rows with gaps: never reused
+            n = len(planned)
+            y, fused = _ran_conv(lambda: linear_act(x, lin, act, res))
+            assert fused or not fastops._ext.C_LOADED
+            assert_close(y, ref(res) if res is not None else _ref(x, lin, act), torch.float32)
+            assert len(planned) == n + full
+        row = torch.randn(40)  # broadcast: PyTorch's add
+        assert_close(linear_act(x, lin, act, row), ref(row.expand(2, 7, 40)), torch.float32)
+    rg = r.clone().requires_grad_()
+    y = linear_act(x, lin, act, rg)
+    y.sum().backward()
+    ref_r = r.double().requires_grad_()
+    ref(ref_r).sum().backward()
+    assert_close(rg.grad, ref_r.grad, torch.float32)

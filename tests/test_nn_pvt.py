@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import fastops
+import fastops.nn.layers as layers_mod
 import fastops.nn.pvt as pvt_mod
 from fastops import backends
 from fastops.nn import DepthwiseConv2d, MlpWithDepthwiseConv, SRAttention
@@ -242,14 +243,15 @@ def test_mlp_depthwise_reads_tokens_in_place(monkeypatch, act_layer, op):
     monkeypatch.setattr(pvt_mod, op, spy)
     mlp = MlpWithDepthwiseConv(16, 24, act_layer=act_layer).eval()
     linears = []  # (module, input, output) of each fused Linear call
-    real_linear = pvt_mod.linear_act
+    real_linear = layers_mod.linear_act
 
-    def linear_spy(x, linear, act="none"):
-        out = real_linear(x, linear, act)
+    def linear_spy(x, linear, act="none", residual=None):
+        out = real_linear(x, linear, act, residual)
         linears.append((linear, x, out))
         return out
 
     monkeypatch.setattr(pvt_mod, "linear_act", linear_spy)
+    monkeypatch.setattr(layers_mod, "linear_act", linear_spy)  # fc2, through linear_drop_add
     x_in = torch.randn(2, 9 * 7, 16)
     with torch.no_grad():
         y = mlp(x_in, (9, 7))
@@ -445,3 +447,21 @@ def test_bad_inputs_raise(fused):
             m(torch.randn(1, 16, 8), 16)
     with pytest.raises(ValueError, match="smaller than sr_ratio"):
         attn(torch.randn(1, 12, 8), (3, 4))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_residual_argument(fused):
+    """attn / mlp (x, hw, residual=r) == r + attn / mlp (x, hw): in eval (fused: r added in the last Linear's
+    epilogue) and in training with dropout > 0 (applied to the module's output only, the same elements for
+    one seed)."""
+    x, r = torch.randn(2, 9 * 7, 16), torch.randn(2, 9 * 7, 16)
+    for m in (SRAttention(16, num_heads=2, sr_ratio=2, proj_drop=0.5, fused=fused),
+              MlpWithDepthwiseConv(16, 24, drop=0.5, fused=fused)):
+        with torch.no_grad():
+            m.eval()
+            assert rel_err(m(x, (9, 7), residual=r), m(x, (9, 7)) + r) <= F32_TOL
+            m.train()
+            torch.manual_seed(0)
+            got = m(x, (9, 7), residual=r)
+            torch.manual_seed(0)
+            assert rel_err(got, m(x, (9, 7)) + r) <= F32_TOL

@@ -302,3 +302,19 @@ def test_deepcopy_and_double():
     x = torch.randn(1, 6, 6, 8)
     with torch.no_grad():
         assert rel_err(m2(x.double()), m(x)) <= F32_TOL
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_residual_argument(fused):
+    """attn(x, shift, residual=r) == r + attn(x, shift): in eval (fused: r added in proj's epilogue) and in
+    training with proj_drop > 0 (the dropout applies to attn's output only, the same elements for one seed)."""
+    attn = WindowAttention(16, 2, window_size=4, proj_drop=0.5, fused=fused)
+    x, r = torch.randn(2, 9, 7, 16), torch.randn(2, 9, 7, 16)
+    with torch.no_grad():
+        attn.eval()
+        assert rel_err(attn(x, 2, residual=r), attn(x, 2) + r) <= F32_TOL
+        attn.train()
+        torch.manual_seed(0)
+        got = attn(x, 2, residual=r)
+        torch.manual_seed(0)
+        assert rel_err(got, attn(x, 2) + r) <= F32_TOL

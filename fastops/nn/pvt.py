@@ -6,7 +6,7 @@ timm, so state_dict keys are timm's and checkpoints load unchanged. Both modules
 ``forward(x, feat_size)``: ``x`` the (B, N, C) tokens of an (H, W) map, token ``n = h * W + w``.
 timm is never imported unless an object defined by timm is inspected (``is_convertible``).
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ from ..ops.sr_attention import sr_attention
 from .attention import _timm_type
 from .conv_bn import act_name_of
 from .depthwise import DepthwiseConv2d
-from .layers import linear_act
+from .layers import linear_act, linear_drop_add
 
 __all__ = ["SRAttention", "MlpWithDepthwiseConv"]
 
@@ -115,8 +115,10 @@ class SRAttention(nn.Module):
                 self.sr = None
                 self.norm = None
 
-    def forward(self, x: torch.Tensor, feat_size: Sequence[int]) -> torch.Tensor:
-        """x: (B, N, dim) tokens of the (H, W) = ``feat_size`` map -> (B, N, dim)."""
+    def forward(self, x: torch.Tensor, feat_size: Sequence[int],
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, N, dim) tokens of the (H, W) = ``feat_size`` map -> (B, N, dim); ``residual`` (B, N, dim), if
+        given, is added to the output (after ``proj_drop``), fused in eval into the ``proj`` GEMM's epilogue."""
         H, W = _feat_hw("SRAttention", x, feat_size, self.dim)
         reduce = self.sr is not None
         k = 1 if self.linear else self.sr_ratio
@@ -131,9 +133,9 @@ class SRAttention(nn.Module):
             src = fn(x, (H, W), sr.weight, sr.bias, norm.weight, norm.bias, k, self.linear, norm.eps)
         if self.fused:
             out = sr_attention(q, linear_act(src, self.kv), self.num_heads, self.scale)
-            return self.proj_drop(linear_act(out, self.proj))
-        out = _ref.sr_attention(q, self.kv(src), self.num_heads, self.scale)
-        return self.proj_drop(self.proj(out))
+        else:
+            out = _ref.sr_attention(q, self.kv(src), self.num_heads, self.scale)
+        return linear_drop_add(out, self.proj, self.proj_drop, residual, self.fused)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, linear={self.linear}, "
@@ -221,8 +223,11 @@ class MlpWithDepthwiseConv(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features, **dd)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor, feat_size: Sequence[int]) -> torch.Tensor:
-        """x: (B, N, in_features) tokens of the (H, W) = ``feat_size`` map -> (B, N, out_features)."""
+    def forward(self, x: torch.Tensor, feat_size: Sequence[int],
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, N, in_features) tokens of the (H, W) = ``feat_size`` map -> (B, N, out_features);
+        ``residual`` (B, N, out_features), if given, is added to the output (after the last dropout), fused in
+        eval into the ``fc2`` GEMM's epilogue."""
         H, W = _feat_hw("MlpWithDepthwiseConv", x, feat_size, self.fc1.in_features)
         # ReLU is elementwise: applied to the tokens it equals timm's ReLU on the map.
         x = self.relu(linear_act(x, self.fc1) if self.fused else self.fc1(x))
@@ -238,7 +243,7 @@ class MlpWithDepthwiseConv(nn.Module):
         else:
             m = self.act(F.conv2d(m, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups))
         x = self.drop(m.flatten(2).transpose(1, 2))
-        return self.drop(linear_act(x, self.fc2) if self.fused else self.fc2(x))
+        return linear_drop_add(x, self.fc2, self.drop, residual, self.fused)
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}"

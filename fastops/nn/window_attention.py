@@ -16,7 +16,7 @@ from .. import reference as _ref
 from ..ops import _checks
 from ..ops.window_attention import window_attention
 from .attention import _share, _timm_type
-from .layers import DropPath, linear_act
+from .layers import DropPath, acts_as_identity, linear_act, linear_drop_add
 
 __all__ = ["WindowAttention", "SwinTransformerBlock", "relative_position_index"]
 
@@ -105,9 +105,12 @@ class WindowAttention(nn.Module):
         n = self.window_area
         return table[index.reshape(-1)].view(n, n, self.num_heads).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, shift_size: Optional[IntOrPair] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shift_size: Optional[IntOrPair] = None,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, H, W, dim) normalised map -> (B, H, W, dim). ``shift_size`` (int or pair, each below the
-        window) defaults to the ``shift_size`` attribute, which :class:`SwinTransformerBlock` sets."""
+        window) defaults to the ``shift_size`` attribute, which :class:`SwinTransformerBlock` sets.
+        ``residual`` (B, H, W, dim), if given, is added to the output (after ``proj_drop``); fused, outside
+        training, in the ``proj`` GEMM's epilogue."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"fastops.nn.WindowAttention: x must be (B, H, W, dim={self.dim}), got {shape}")
@@ -118,13 +121,13 @@ class WindowAttention(nn.Module):
         pad = self.qkv.bias
         if self.fused:
             out = window_attention(qkv, self.num_heads, self.window_size, shift, bias, self.scale, pad)
-            return self.proj_drop(linear_act(out, self.proj))
+            return linear_drop_add(out, self.proj, self.proj_drop, residual)
         if shift[0] >= self.window_size[0] or shift[1] >= self.window_size[1]:
             raise ValueError(f"fastops.nn.WindowAttention: shift_size must be smaller than window_size "
                              f"{self.window_size} in each dimension, got {shift}")
         out = _ref.window_attention(qkv.contiguous(), self.num_heads, self.window_size, shift, bias, self.scale,
                                     pad)
-        return self.proj_drop(self.proj(out))
+        return linear_drop_add(out, self.proj, self.proj_drop, residual, fused=False)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
@@ -269,19 +272,27 @@ class SwinTransformerBlock(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"fastops.nn.SwinTransformerBlock: x must be (B, H, W, dim={self.dim}), got {shape}")
-        x = x + self.drop_path1(self.attn(self.norm1(x), self.shift_size))
+        # Fused, with the drop path an identity (eval), the shortcut is added in the epilogue of proj / fc2.
+        if self.fused and acts_as_identity(self.drop_path1):
+            x = self.attn(self.norm1(x), self.shift_size, residual=x)
+        else:
+            x = x + self.drop_path1(self.attn(self.norm1(x), self.shift_size))
+        if self.fused and acts_as_identity(self.drop_path2):
+            return self._mlp(self.norm2(x), residual=x)
         return x + self.drop_path2(self._mlp(self.norm2(x)))
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """self.mlp(x); with the fused attention, a timm-layout GELU MLP (fc1 -> GELU -> drop -> [Identity
-        norm] -> fc2 -> drop) runs fc1 + GELU and fc2 through :func:`fastops.nn.layers.linear_act`."""
+    def _mlp(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """self.mlp(x) (+ residual); with the fused attention, a timm-layout GELU MLP (fc1 -> GELU -> drop ->
+        [Identity norm] -> fc2 -> drop) runs fc1 + GELU and fc2 (+ residual, when drop2 is an identity) through
+        :func:`fastops.nn.layers.linear_act`."""
         m = self.mlp
         if not (self.fused and type(getattr(m, "fc1", None)) is nn.Linear and type(getattr(m, "fc2", None)) is nn.Linear
                 and type(getattr(m, "act", None)) is nn.GELU and m.act.approximate == "none"
                 and isinstance(getattr(m, "norm", nn.Identity()), nn.Identity)
                 and all(isinstance(getattr(m, d, None), nn.Dropout) for d in ("drop1", "drop2"))):
-            return m(x)
-        return m.drop2(linear_act(m.drop1(linear_act(x, m.fc1, "gelu")), m.fc2))
+            y = m(x)
+            return y if residual is None else residual + y
+        return linear_drop_add(m.drop1(linear_act(x, m.fc1, "gelu")), m.fc2, m.drop2, residual)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, input_resolution={self.input_resolution}, window_size={self.window_size}, "
