@@ -41,7 +41,7 @@ def info_text() -> str:
     if _ext.C_LOADED:
         b = _ext.BUILD_INFO
         archs = _ext.cuda_archs()
-        lines.append(f"fastops._C: loaded (CPU ISA {b.get('cpu_isa', '?')}; CUDA "
+        lines.append(f"fastops._C: loaded (CPU ISA {b.get('cpu_isa', '?')}, cpu_gemm={b.get('cpu_gemm', '?')}; CUDA "
                      + (f"compiled in for sm_{', sm_'.join(a.replace('.', '') for a in archs)})" if archs
                         else "not compiled in)"))
     else:

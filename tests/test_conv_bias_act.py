@@ -248,11 +248,15 @@ def test_cpu_1x1_channels_last_gemm(n, h, w, ci, co):
     wt = torch.randn(co, ci, 1, 1, generator=g) / ci ** 0.5
     b = torch.randn(co, generator=g)
     r = torch.randn(n, co, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    # Which path ran: the GEMM calls no ATen / oneDNN convolution (builds without AVX2 + FMA leave it out).
+    gemm = (fastops._ext.BUILD_INFO.get("cpu_gemm") == "1" and ci <= 768 and is_channels_last(x))
     for act in ACTS:
         for bias, res in ((b, r), (None, None), (b, None)):
             poison_allocator(n * co * h * w)
-            with fastops.use_backend("cpu"):
+            with fastops.use_backend("cpu"), torch.profiler.profile() as prof:
                 y = fastops.conv_bias_act(x, wt, bias, 1, 0, 1, 1, act, res)
+            conv = any("convolution" in e.name for e in prof.events())
+            assert conv != gemm, f"{'a' if conv else 'no'} library convolution ran"
             ref = ref_conv_bias_act(x.double(), wt.double(), None if bias is None else bias.double(),
                                     None if res is None else res.double(), [1, 1], [0] * 4, [1, 1], 1, act)
             if is_channels_last(x):  # (one input channel: both layouts, taken as NCHW)
@@ -408,10 +412,10 @@ def test_cpu_packed_weights_are_reused_and_follow_every_change():
         run(stride=2)
         run(dilation=2, padding=2)
         run(w=torch.randn(24, 16, 3, 3) / 12)
-        for _ in range(3):  # more weights than the cache holds, each used twice
-            ws = [torch.randn(24, 16, 1, 1) / 4 for _ in range(300)]
+        for _ in range(3):  # more weights than the cache holds, each used twice (3x3: oneDNN's path)
+            ws = [torch.randn(24, 16, 3, 3) / 12 for _ in range(300)]
             for wi in ws + ws:
-                run(w=wi, padding=0)
+                run(w=wi)
         run()
     with torch.inference_mode(), fastops.use_backend("cpu"):
         run()

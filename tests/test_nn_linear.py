@@ -1,5 +1,5 @@
 """fastops.nn.layers.linear_act: act(linear(x)) through a 1x1 conv_bias_act on the CPU when no gradient is needed
-(oneDNN's packed-weight GEMM), plain F.linear otherwise; values against float64 PyTorch in every mode, and a
+(a GEMM on a packed weight), plain F.linear otherwise; values against float64 PyTorch in every mode, and a
 weight changed in place, replaced or moved never served stale."""
 import copy
 import pickle

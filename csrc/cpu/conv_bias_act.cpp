@@ -3,8 +3,10 @@
 //
 // Depthwise (groups == Cin == Cout): the depthwise loops of cpu/depthwise_kernels.h with the bias as the
 // accumulator's initial value and the residual + activation applied to each output plane / row while it
-// is still in cache. Other convolutions: ATen's convolution as the dense core, then either oneDNN's
-// fused post-ops (fp32, when available: no extra pass over the output) or one in-place epilogue pass.
+// is still in cache. fp32 1x1 / stride-1 / ungrouped convolutions over channels_last maps: the GEMM of
+// cpu/gemm_kernels.h with bias, residual and activation applied to its accumulators. Other convolutions:
+// ATen's convolution as the dense core, then either oneDNN's fused post-ops (fp32, when available: no extra
+// pass over the output) or one in-place epilogue pass.
 // Backward: one pass for dz = grad_out * act'(z) (act' read from the output for none / relu / relu6,
 // else z recomputed) that also sums grad_bias, then the depthwise backward loops or
 // at::convolution_backward.
@@ -99,14 +101,13 @@ bool use_onednn(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef paddi
   return a.cl || w.numel() <= a.g.N * a.Cout * a.g.OH * a.g.OW;
 }
 
-// Weights reordered into oneDNN's blocked layout (or packed into gemm_kernels.h's panels), kept between calls
-// for channels_last inputs. Given a
-// plain weight, oneDNN reorders it on every call: at batch 1 that is most of a ResNet-50 layer 4 3x3
+// Weights reordered into oneDNN's blocked layout, or packed into gemm_kernels.h's panels, kept between calls
+// for channels_last inputs. Given a plain weight, oneDNN reorders it on every call: at batch 1 that is most of a ResNet-50 layer 4 3x3
 // convolution (2.2 ms of it against 1.0 ms prepacked, 2 threads), at batch 8 still ~15% (8.2 against
 // 6.8 ms). One entry per weight tensor, held weakly (a dead weight's packed copy is freed by the next call
 // that looks here), valid while that tensor's data pointer and version counter are unchanged and for the
-// input size and conv arguments it was packed for; another input size repacks it, so the cache holds at
-// most one packed copy of each weight. Weights that require grad are not cached (they change every
+// key it was packed for (oneDNN: the input size and conv arguments; the GEMM panels: the weight's shape and
+// strides); another key repacks it, so the cache holds at most one packed copy of each weight. Weights that require grad are not cached (they change every
 // training step), nor are inference tensors (they have no version counter). Mostly these are the eval-mode
 // folded weights that fastops.nn's conv modules keep: the same prepacking torch.compile's freezing does.
 // A weight changed through `.data` (which has a version counter of its own) is not seen.
@@ -145,7 +146,9 @@ class PackedWeights {
       return out;
     };
     if (w.requires_grad() || w.is_inference()) return make();
-    return find_or_make(w, {-1}, make);  // (no input size in the key: the panels do not depend on it)
+    // No input size in the key (the panels do not depend on it), but the weight's geometry: a `.data`
+    // swap can change it under the same data pointer and version.
+    return find_or_make(w, {-1, w.size(0), w.size(1), w.stride(0), w.stride(1)}, make);
   }
 
  private:
@@ -230,7 +233,7 @@ at::Tensor onednn_conv_act(const at::Tensor& x, const at::Tensor& w_plain, const
 // pixels, which gemm_kernels.h runs with the epilogue in its accumulators (for K up to its kMaxK).
 bool use_gemm(const at::Tensor& x, const ConvArgs& a, int64_t groups) {
   const Conv2dGeom& g = a.g;
-  return x.scalar_type() == at::kFloat && a.cl && groups == 1 && g.KH == 1 && g.KW == 1 && g.SH == 1 &&
+  return gemm::kEnabled && x.scalar_type() == at::kFloat && a.cl && groups == 1 && g.KH == 1 && g.KW == 1 && g.SH == 1 &&
          g.SW == 1 && g.PT == 0 && g.PL == 0 && g.PB == 0 && g.PR == 0 && g.C <= gemm::kMaxK && x.numel() > 0;
 }
 

@@ -9,14 +9,15 @@
 // the activation applied to the accumulators, at 185-225 (K = 32-192, timing loop).
 //
 // Structure: the weight is packed once into panels of kNR columns ([K][nv * kL] each, zero-padded to whole
-// vectors). Each parallel task takes kChunkRows rows of x; for every panel it runs register tiles of
-// rows_for(nv) rows x nv vectors over those rows, so the chunk of x stays in L2 while every panel passes
-// over it, and a panel's rows stay in L1 while the tiles of a chunk pass over it. Accumulation in fp32,
+// vectors). Each thread takes a range of rows of x and walks it in chunks of kChunkRows rows; for every panel
+// it runs register tiles of rows_for(nv) rows x nv vectors over the chunk, so the chunk of x stays in L2
+// while every panel passes over it, and the panel is read from L1 (small K) or L2 by the chunk's tiles. Accumulation in fp32,
 // starting from the bias; rows and columns past the ends are computed on clamped rows and zero-padded
 // columns and never stored, so no read or write leaves the tensors.
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -37,6 +38,10 @@ constexpr int kL = W::N;
 // AVX2's 16.
 constexpr int kMaxNV = simd::kWideBytes == 64 ? 4 : 2;
 constexpr int64_t kNR = kMaxNV * kL;
+
+// Built for AVX2 + FMA or AVX-512 only: on narrower vector units the tiles would spill their accumulators,
+// and oneDNN, which picks its kernels for the CPU at run time, is the better choice there.
+constexpr bool kEnabled = simd::kFmaVectors;
 
 // Tile rows for nv vectors per row: rows x nv accumulators plus nv panel vectors and a broadcast must fit
 // the registers (AVX-512: 6 x 4, 8 x 3, 12 x 2, 12 x 1; AVX2: 6 x 2, 12 x 1).
@@ -115,7 +120,7 @@ inline void tile(const Args& g, int64_t m0, int64_t rows, int64_t p) {
     for (int j = 0; j < NV; ++j) b[j] = W::load(bp + k * (NV * kL) + j * kL);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      // (x - 0 rather than 0 + x: the compiler may drop the former, not the latter, which is -0's sign.)
+      // x - 0 folds to a plain broadcast; 0 + x cannot be folded (it turns -0 into +0), so it costs an add.
       const typename W::V a = ap[i][k] - typename W::V{};
 #pragma GCC unroll 16
       for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
@@ -161,11 +166,9 @@ void run_act(const Args& g) {
         switch (panel_vectors(g.N, p)) {
           case 1: panel_rows<1, A>(g, m0, m1, p); break;
           case 2: panel_rows<2, A>(g, m0, m1, p); break;
-#if defined(__AVX512F__)
-          case 3: panel_rows<3, A>(g, m0, m1, p); break;
-          case 4: panel_rows<4, A>(g, m0, m1, p); break;
-#endif
-          default: break;
+          case 3: if constexpr (kMaxNV >= 3) panel_rows<3, A>(g, m0, m1, p); break;
+          case 4: if constexpr (kMaxNV >= 4) panel_rows<4, A>(g, m0, m1, p); break;
+          default: TORCH_INTERNAL_ASSERT(false, "gemm: a panel of ", panel_vectors(g.N, p), " vectors");
         }
       }
     }

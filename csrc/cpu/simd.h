@@ -27,6 +27,12 @@ constexpr int kVecRegs = 32;
 constexpr int kWideBytes = 32;
 constexpr int kVecRegs = 16;
 #endif
+// Whether the build has fused multiply-add on 32- or 64-byte vectors (what register-tiled GEMMs need).
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+constexpr bool kFmaVectors = true;
+#else
+constexpr bool kFmaVectors = false;
+#endif
 
 template <typename T, int kB = 32>
 struct Vec {

@@ -89,7 +89,7 @@ class BNFoldCache:
         same = len(self.tensors) == len(tensors) and all(map(operator.is_, self.tensors, tensors))
         if key != self.key or not same:
             # Normal tensors even under inference_mode: they outlive the block (and the CPU backend keeps a
-            # oneDNN-packed copy only of tensors with a version counter). inference_mode(False) turns grad
+            # packed copy only of tensors with a version counter). inference_mode(False) turns grad
             # mode back on, so no_grad comes after it.
             with torch.inference_mode(False), torch.no_grad():
                 self.value = fold_bn(weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)

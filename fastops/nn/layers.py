@@ -34,7 +34,7 @@ class DropPath(nn.Module):
 
 def _weight_1x1(linear: nn.Linear) -> torch.Tensor:
     """linear.weight as a (out, in, 1, 1) convolution weight that needs no grad, kept on the module so that
-    conv_bias_act's CPU backend finds the same tensor every call (it keeps a oneDNN-packed copy per weight
+    conv_bias_act's CPU backend finds the same tensor every call (it keeps a packed copy per weight
     tensor, refreshed when the version counter, which the view shares with the parameter, moves). Rebuilt
     when the parameter is replaced or its storage changes (``.to()``, ``.data =``)."""
     w = linear.weight
@@ -106,7 +106,8 @@ def linear_act(x: torch.Tensor, linear: nn.Linear, act: str = "none",
 def acts_as_identity(m: nn.Module) -> bool:
     """Whether a dropout / drop-path module passes its input through unchanged right now: an
     ``nn.Identity``, a module in eval mode, or a dropout with p = 0."""
-    return isinstance(m, nn.Identity) or not m.training or (isinstance(m, nn.Dropout) and m.p == 0)
+    return (isinstance(m, nn.Identity) or not m.training or (isinstance(m, nn.Dropout) and m.p == 0)
+            or getattr(m, "drop_prob", None) == 0)
 
 
 def linear_drop_add(x: torch.Tensor, linear: nn.Linear, drop: nn.Module, residual: Optional[torch.Tensor] = None,
