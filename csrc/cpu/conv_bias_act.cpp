@@ -101,14 +101,15 @@ bool use_onednn(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef paddi
   return a.cl || w.numel() <= a.g.N * a.Cout * a.g.OH * a.g.OW;
 }
 
-// Weights reordered into oneDNN's blocked layout, or packed into gemm_kernels.h's panels, kept between calls
-// for channels_last inputs. Given a plain weight, oneDNN reorders it on every call: at batch 1 that is most of a ResNet-50 layer 4 3x3
-// convolution (2.2 ms of it against 1.0 ms prepacked, 2 threads), at batch 8 still ~15% (8.2 against
-// 6.8 ms). One entry per weight tensor, held weakly (a dead weight's packed copy is freed by the next call
-// that looks here), valid while that tensor's data pointer and version counter are unchanged and for the
-// key it was packed for (oneDNN: the input size and conv arguments; the GEMM panels: the weight's shape and
-// strides); another key repacks it, so the cache holds at most one packed copy of each weight. Weights that require grad are not cached (they change every
-// training step), nor are inference tensors (they have no version counter). Mostly these are the eval-mode
+// Weights reordered into oneDNN's blocked layout, or packed into gemm_kernels.h's panels, kept between
+// calls for channels_last inputs. Given a plain weight, oneDNN reorders it on every call: at batch 1 that is
+// most of a ResNet-50 layer 4 3x3 convolution (2.2 ms of it against 1.0 ms prepacked, 2 threads), at batch 8
+// still ~15% (8.2 against 6.8 ms). One entry per weight tensor, held weakly (a dead weight's packed copy is
+// freed by the next call that looks here), valid while that tensor's data pointer and version counter are
+// unchanged and for the key it was packed for (oneDNN: the input size and conv arguments; the GEMM panels:
+// the weight's shape and strides); another key repacks it, so the cache holds at most one packed copy of
+// each weight. Weights that require grad are not cached (they change every training step), nor are
+// inference tensors (they have no version counter). Mostly these are the eval-mode
 // folded weights that fastops.nn's conv modules keep: the same prepacking torch.compile's freezing does.
 // A weight changed through `.data` (which has a version counter of its own) is not seen.
 class PackedWeights {
@@ -233,8 +234,9 @@ at::Tensor onednn_conv_act(const at::Tensor& x, const at::Tensor& w_plain, const
 // pixels, which gemm_kernels.h runs with the epilogue in its accumulators (for K up to its kMaxK).
 bool use_gemm(const at::Tensor& x, const ConvArgs& a, int64_t groups) {
   const Conv2dGeom& g = a.g;
-  return gemm::kEnabled && x.scalar_type() == at::kFloat && a.cl && groups == 1 && g.KH == 1 && g.KW == 1 && g.SH == 1 &&
-         g.SW == 1 && g.PT == 0 && g.PL == 0 && g.PB == 0 && g.PR == 0 && g.C <= gemm::kMaxK && x.numel() > 0;
+  return gemm::kEnabled && x.scalar_type() == at::kFloat && a.cl && groups == 1 && g.KH == 1 && g.KW == 1 &&
+         g.SH == 1 && g.SW == 1 && g.PT == 0 && g.PL == 0 && g.PB == 0 && g.PR == 0 && g.C <= gemm::kMaxK &&
+         x.numel() > 0;
 }
 
 at::Tensor gemm_conv_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, const at::Tensor* res,
@@ -246,8 +248,8 @@ at::Tensor gemm_conv_act(const at::Tensor& x, const at::Tensor& w, const at::Ten
   float* yp = y.data_ptr<float>();
   const bool stream = simd::kWideBytes == 64 && a.Cout % 16 == 0 && (reinterpret_cast<uintptr_t>(yp) & 63) == 0 &&
                       simd::should_stream(y.nbytes());
-  const gemm::Args g{x.data_ptr<float>(), a.g.C, panels.data_ptr<float>(), b.data(), res ? res->data_ptr<float>() : nullptr,
-                     yp, a.g.N * a.g.H * a.g.W, a.g.C, a.Cout, stream};
+  const gemm::Args g{x.data_ptr<float>(), a.g.C, panels.data_ptr<float>(), b.data(),
+                     res ? res->data_ptr<float>() : nullptr, yp, a.g.N * a.g.H * a.g.W, a.g.C, a.Cout, stream};
   gemm::run(g, act);
   return y;
 }

@@ -105,7 +105,7 @@ def linear_act(x: torch.Tensor, linear: nn.Linear, act: str = "none",
 
 def acts_as_identity(m: nn.Module) -> bool:
     """Whether a dropout / drop-path module passes its input through unchanged right now: an
-    ``nn.Identity``, a module in eval mode, or a dropout with p = 0."""
+    ``nn.Identity``, a module in eval mode, a dropout with p = 0 or a drop path with drop_prob = 0."""
     return (isinstance(m, nn.Identity) or not m.training or (isinstance(m, nn.Dropout) and m.p == 0)
             or getattr(m, "drop_prob", None) == 0)
 
