@@ -236,20 +236,26 @@ def test_gradcheck_cpu_float64(training, groups):
     assert torch.autograd.gradcheck(f, inputs)
 
 
-# 1x1 / stride 1 / channels_last fp32 convolutions with up to 768 input channels run as fastops' own GEMM on
-# the CPU (csrc/cpu/gemm_kernels.h): output channels that fill 1-4 vectors of a panel, several panels, a partial
-# last vector; pixel counts that leave a partial tile or chunk; K = 769 past the GEMM's limit (oneDNN's path).
+# 1x1 / stride 1 fp32 convolutions with up to 768 input channels run as fastops' own GEMM on the CPU
+# (csrc/cpu/gemm_kernels.h), channels_last over the pixels as rows, NCHW with the weight's rows as rows and the
+# pixels in panels (NCHW only for weights of up to 192 K elements). Output channels that fill 1-4 vectors of a
+# panel, several panels, a partial last vector; pixel counts that leave a partial tile, chunk or pixel panel
+# (35, 99 and 208 pixels: 1, 2 and 4 NCHW panels); batch 1, whose rows are split across threads in NCHW;
+# K = 769 past the GEMM's limit and a 512 x 400 weight past the NCHW one (oneDNN's path).
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("n, h, w", [(1, 5, 7), (2, 9, 11), (3, 16, 13)], ids=lambda v: str(v))
 @pytest.mark.parametrize("ci, co", [(3, 16), (5, 7), (24, 48), (32, 64), (96, 96), (17, 112), (40, 200), (768, 40),
-                                    (769, 24)])
-def test_cpu_1x1_channels_last_gemm(n, h, w, ci, co):
+                                    (769, 24), (512, 400)])
+def test_cpu_1x1_gemm(n, h, w, ci, co, layout):
     g = torch.Generator().manual_seed(ci * 1000 + co + h)
-    x = torch.randn(n, ci, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(n, ci, h, w, generator=g).contiguous(memory_format=fmt)
     wt = torch.randn(co, ci, 1, 1, generator=g) / ci ** 0.5
     b = torch.randn(co, generator=g)
-    r = torch.randn(n, co, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(n, co, h, w, generator=g).contiguous(memory_format=fmt)
     # Which path ran: the GEMM calls no ATen / oneDNN convolution (builds without AVX2 + FMA leave it out).
-    gemm = (fastops._ext.BUILD_INFO.get("cpu_gemm") == "1" and ci <= 768 and is_channels_last(x))
+    gemm = (fastops._ext.BUILD_INFO.get("cpu_gemm") == "1" and ci <= 768
+            and (layout == "channels_last" or ci * co <= 192 * 1024))
     for act in ACTS:
         for bias, res in ((b, r), (None, None), (b, None)):
             poison_allocator(n * co * h * w)
@@ -259,21 +265,27 @@ def test_cpu_1x1_channels_last_gemm(n, h, w, ci, co):
             assert conv != gemm, f"{'a' if conv else 'no'} library convolution ran"
             ref = ref_conv_bias_act(x.double(), wt.double(), None if bias is None else bias.double(),
                                     None if res is None else res.double(), [1, 1], [0] * 4, [1, 1], 1, act)
-            assert y.is_contiguous(memory_format=torch.channels_last)
+            assert y.is_contiguous(memory_format=fmt)
             assert_close(y, ref, torch.float32, f"{act} bias={bias is not None} residual={res is not None}")
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_cpu_1x1_gemm_streamed_and_threads(threads, monkeypatch):
+def test_cpu_1x1_gemm_streamed_and_threads(threads, layout, monkeypatch):
     """The GEMM's streamed-store path (an output over the cache share: here any) on 1 and 3 threads, with the
-    rows split across threads in units that are not whole chunks."""
+    rows split across threads in units that are not whole chunks (channels_last: 899 pixels), or the NCHW
+    path's (sample, pixel panel) pairs too few for 3 threads, so that each panel's weight rows are split too
+    (192 pixels, a multiple of 16 as the streamed stores need: 3 panels of 4 vectors)."""
     monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", "0")
-    x = torch.randn(1, 96, 29, 31).contiguous(memory_format=torch.channels_last)
+    fmt, n, h, w = ((torch.channels_last, 1, 29, 31) if layout == "channels_last"
+                    else (torch.contiguous_format, 2, 16, 12))
+    x = torch.randn(n, 96, h, w).contiguous(memory_format=fmt)
     wt = torch.randn(160, 96, 1, 1) / 96 ** 0.5
-    b, r = torch.randn(160), torch.randn(1, 160, 29, 31).contiguous(memory_format=torch.channels_last)
+    b, r = torch.randn(160), torch.randn(n, 160, h, w).contiguous(memory_format=fmt)
     with cpu_threads(threads), fastops.use_backend("cpu"):
         y = fastops.conv_bias_act(x, wt, b, 1, 0, 1, 1, "gelu", r)
     ref = ref_conv_bias_act(x.double(), wt.double(), b.double(), r.double(), [1, 1], [0] * 4, [1, 1], 1, "gelu")
+    assert y.is_contiguous(memory_format=fmt)
     assert_close(y, ref, torch.float32)
 
 

@@ -3,7 +3,7 @@
 //
 // Depthwise (groups == Cin == Cout): the depthwise loops of cpu/depthwise_kernels.h with the bias as the
 // accumulator's initial value and the residual + activation applied to each output plane / row while it
-// is still in cache. fp32 1x1 / stride-1 / ungrouped convolutions over channels_last maps: the GEMM of
+// is still in cache. fp32 1x1 / stride-1 / ungrouped convolutions, either layout: the GEMM of
 // cpu/gemm_kernels.h with bias, residual and activation applied to its accumulators. Other convolutions:
 // ATen's convolution as the dense core, then either oneDNN's fused post-ops (fp32, when available: no extra
 // pass over the output) or one in-place epilogue pass.
@@ -230,26 +230,38 @@ at::Tensor onednn_conv_act(const at::Tensor& x, const at::Tensor& w_plain, const
                  c10::List<c10::optional<at::Scalar>>(), c10::nullopt);
 }
 
-// fp32 1x1 convolutions with stride 1, no padding and one group over channels_last maps are a GEMM over the
-// pixels, which gemm_kernels.h runs with the epilogue in its accumulators (for K up to its kMaxK).
+// fp32 1x1 convolutions with stride 1, no padding and one group are a GEMM over the pixels, which
+// gemm_kernels.h runs with the epilogue in its accumulators (for K up to its kMaxK), in either layout.
 bool use_gemm(const at::Tensor& x, const ConvArgs& a, int64_t groups) {
   const Conv2dGeom& g = a.g;
-  return gemm::kEnabled && x.scalar_type() == at::kFloat && a.cl && groups == 1 && g.KH == 1 && g.KW == 1 &&
+  return gemm::kEnabled && x.scalar_type() == at::kFloat && groups == 1 && g.KH == 1 && g.KW == 1 &&
          g.SH == 1 && g.SW == 1 && g.PT == 0 && g.PL == 0 && g.PB == 0 && g.PR == 0 && g.C <= gemm::kMaxK &&
-         x.numel() > 0;
+         (a.cl || g.C * a.Cout <= gemm::kMaxNchwWeight) && x.numel() > 0;
 }
 
 at::Tensor gemm_conv_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, const at::Tensor* res,
                          Act act, const ConvArgs& a) {
-  at::Tensor y = at::empty({a.g.N, a.Cout, a.g.OH, a.g.OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = at::empty({a.g.N, a.Cout, a.g.OH, a.g.OW}, x.options().memory_format(a.fmt));
+  if (!a.cl) {
+    const int64_t P = a.g.H * a.g.W;
+    const at::Tensor wc = w.contiguous();
+    const std::vector<float> b = bias_vec<float>(bias, a.Cout);
+    float* yp = y.data_ptr<float>();
+    const bool stream = simd::kWideBytes == 64 && P % 16 == 0 && (reinterpret_cast<uintptr_t>(yp) & 63) == 0 &&
+                        simd::should_stream(y.nbytes());
+    gemm::run_nchw({x.data_ptr<float>(), wc.data_ptr<float>(), b.data(), res ? res->data_ptr<float>() : nullptr, yp,
+                    a.g.N, a.g.C, a.Cout, P, stream},
+                   act);
+    return y;
+  }
   const at::Tensor panels = PackedWeights::get().gemm_panels(w);
   std::vector<float> b = bias_vec<float>(bias, a.Cout);
   b.resize(gemm::packed_numel(a.Cout, 1), 0.f);
   float* yp = y.data_ptr<float>();
   const bool stream = simd::kWideBytes == 64 && a.Cout % 16 == 0 && (reinterpret_cast<uintptr_t>(yp) & 63) == 0 &&
                       simd::should_stream(y.nbytes());
-  const gemm::Args g{x.data_ptr<float>(), a.g.C, panels.data_ptr<float>(), b.data(),
-                     res ? res->data_ptr<float>() : nullptr, yp, a.g.N * a.g.H * a.g.W, a.g.C, a.Cout, stream};
+  const gemm::Args g{x.data_ptr<float>(), a.g.C, panels.data_ptr<float>(), b.data(), false,
+                     res ? res->data_ptr<float>() : nullptr, yp, a.Cout, a.g.N * a.g.H * a.g.W, a.g.C, a.Cout, stream};
   gemm::run(g, act);
   return y;
 }

@@ -1,7 +1,9 @@
 // fp32 GEMM with a fused epilogue, for 1x1 convolutions (stride 1, no padding, groups 1) over channels_last
 // maps, and so for the Linear layers that linear_act passes as such:
 //
-//   y[m, n] = act(sum_k x[m, k] w[n, k] + bias[n] + r[m, n]),  x (M, K), w (N, K), r and y (M, N), row-major.
+//   y[m, n] = act(sum_k x[m, k] w[n, k] + bias[n] + r[m, n]),  x (M, K), w (N, K), r and y (M, N), row-major;
+//
+// and over NCHW maps (run_nchw, at the end), where the same tiles run with the roles of x and w swapped.
 //
 // Why not oneDNN here: the Linear layers of Swin-T / PVTv2 and the 1x1 convolutions of MobileNetV2 have
 // few input or output channels (K or N of 16-384) and many tokens. Timed inside those models on a 2-core
@@ -23,6 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <numeric>
 
 #include "cpu/depthwise_kernels.h"
@@ -55,6 +58,12 @@ constexpr int64_t kChunkRows = 72;
 // K beyond which the 1x1 path leaves the GEMM to oneDNN: the kernel does not block K; at K = 768 the two
 // ran alike (Swin-T stage 4), at 1024 this one was 10% slower (PVTv2-b0 stage 4 fc2).
 constexpr int64_t kMaxK = 768;
+
+// Weight elements (N K) beyond which the NCHW path leaves the GEMM to oneDNN: run_nchw reads the whole weight
+// once per panel of pixels, and past the L2 it comes from L3. Timed in hot loops on two 2-core hosts (AMD
+// EPYC, Intel Xeon) over ResNet-50 / MobileNetV2 layers: at 256 K elements (1 MB) and above it ran at
+// 0.83-1.36x oneDNN's speed, below 0.9x in three runs of five; at 154 K and below it was ahead on most layers.
+constexpr int64_t kMaxNchwWeight = 192 * 1024;
 
 // Floats of the packed weight of an (N, K) one: every panel as wide as its whole vectors.
 inline int64_t packed_numel(int64_t N, int64_t K) { return (N + kL - 1) / kL * kL * K; }
@@ -93,11 +102,13 @@ struct Args {
   const float* x;       // (M, K), row stride lda
   int64_t lda;
   const float* packed;  // pack()'s panels
-  const float* bias;    // packed_numel(N, 1) floats, zero-padded; zeros for no bias
-  const float* r;       // (M, N) residual, row stride N, or null
-  float* y;             // (M, N), row stride N
+  const float* bias;    // per column: packed_numel(N, 1) floats, zero-padded; per row: M floats
+  bool bias_rows;
+  const float* r;       // (M, N) residual, row stride ldy, or null
+  float* y;             // (M, N), row stride ldy
+  int64_t ldy;
   int64_t M, K, N;
-  bool stream;          // y written around the cache (AVX-512, N % 16 == 0, y 64-byte aligned)
+  bool stream;          // y written around the cache (AVX-512, ldy % 16 == 0, y 64-byte aligned)
 };
 
 // One tile: `rows` (<= MR) rows from m0, the nv vectors of panel p.
@@ -109,11 +120,20 @@ inline void tile(const Args& g, int64_t m0, int64_t rows, int64_t p) {
   const float* ap[MR];
   for (int i = 0; i < MR; ++i) ap[i] = g.x + (m0 + std::min<int64_t>(i, rows - 1)) * g.lda;
   typename W::V acc[MR][NV];
+  if (g.bias_rows) {
 #pragma GCC unroll 16
-  for (int j = 0; j < NV; ++j) {
-    const typename W::V b = W::load(g.bias + n0 + j * kL);
+    for (int i = 0; i < MR; ++i) {
+      const typename W::V b = W::splat(g.bias[m0 + std::min<int64_t>(i, rows - 1)]);
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) acc[i][j] = b;
+      for (int j = 0; j < NV; ++j) acc[i][j] = b;
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int j = 0; j < NV; ++j) {
+      const typename W::V b = W::load(g.bias + n0 + j * kL);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) acc[i][j] = b;
+    }
   }
   for (int64_t k = 0; k < K; ++k) {
     typename W::V b[NV];
@@ -130,8 +150,8 @@ inline void tile(const Args& g, int64_t m0, int64_t rows, int64_t p) {
   const bool whole = cols == NV * kL;
   for (int i = 0; i < MR; ++i) {
     if (i >= rows) break;
-    float* yr = g.y + (m0 + i) * g.N + n0;
-    const float* rr = g.r ? g.r + (m0 + i) * g.N + n0 : nullptr;
+    float* yr = g.y + (m0 + i) * g.ldy + n0;
+    const float* rr = g.r ? g.r + (m0 + i) * g.ldy + n0 : nullptr;
 #pragma GCC unroll 16
     for (int j = 0; j < NV; ++j) {
       const int64_t left = cols - j * kL;
@@ -152,6 +172,18 @@ inline void panel_rows(const Args& g, int64_t m0, int64_t m1, int64_t p) {
   for (int64_t m = m0; m < m1; m += MR) tile<NV, A>(g, m, std::min<int64_t>(MR, m1 - m), p);
 }
 
+// Runs panel_rows for panel p with its vector count as a template argument.
+template <Act A>
+inline void panel_rows_any(const Args& g, int64_t m0, int64_t m1, int64_t p) {
+  switch (panel_vectors(g.N, p)) {
+    case 1: panel_rows<1, A>(g, m0, m1, p); break;
+    case 2: panel_rows<2, A>(g, m0, m1, p); break;
+    case 3: if constexpr (kMaxNV >= 3) panel_rows<3, A>(g, m0, m1, p); break;
+    case 4: if constexpr (kMaxNV >= 4) panel_rows<4, A>(g, m0, m1, p); break;
+    default: TORCH_INTERNAL_ASSERT(false, "gemm: a panel of ", panel_vectors(g.N, p), " vectors");
+  }
+}
+
 template <Act A>
 void run_act(const Args& g) {
   const int64_t panels = (g.N + kNR - 1) / kNR;
@@ -163,15 +195,7 @@ void run_act(const Args& g) {
     const int64_t end = std::min(g.M, u1 * unit);
     for (int64_t m0 = u0 * unit; m0 < end; m0 += kChunkRows) {
       const int64_t m1 = std::min(end, m0 + kChunkRows);
-      for (int64_t p = 0; p < panels; ++p) {
-        switch (panel_vectors(g.N, p)) {
-          case 1: panel_rows<1, A>(g, m0, m1, p); break;
-          case 2: panel_rows<2, A>(g, m0, m1, p); break;
-          case 3: if constexpr (kMaxNV >= 3) panel_rows<3, A>(g, m0, m1, p); break;
-          case 4: if constexpr (kMaxNV >= 4) panel_rows<4, A>(g, m0, m1, p); break;
-          default: TORCH_INTERNAL_ASSERT(false, "gemm: a panel of ", panel_vectors(g.N, p), " vectors");
-        }
-      }
+      for (int64_t p = 0; p < panels; ++p) panel_rows_any<A>(g, m0, m1, p);
     }
     if (g.stream) simd::stream_fence();
   });
@@ -179,6 +203,81 @@ void run_act(const Args& g) {
 
 inline void run(const Args& g, Act act) {
   chan::dispatch_act(act, [&](auto ac) { run_act<decltype(ac)::value>(g); });
+}
+
+// NCHW maps: per sample b, y_b (N, P) = act(w (N, K) x_b (K, P) + bias + r_b) over the P = H W pixels.
+// Here the weight's rows are the tile rows (broadcast) and the pixels the columns: a unit of work copies one
+// panel of kNR pixels of x_b ([K][nv kL], zero-padded) into a per-thread buffer, which stays in L2 while the
+// weight's rows pass over it in tiles, with the bias per row. Nothing of x is packed between calls, so no
+// cache is involved.
+struct NchwArgs {
+  const float* x;     // (B, K, P)
+  const float* w;     // (N, K), row-major
+  const float* bias;  // N floats
+  const float* r;     // (B, N, P) or null
+  float* y;           // (B, N, P)
+  int64_t B, K, N, P;
+  bool stream;        // as Args::stream, for P % 16 == 0
+};
+
+template <Act A>
+void run_nchw_act(const NchwArgs& a) {
+  // The pixels' vectors shared out evenly over the fewest panels: 196 pixels (13 vectors) as 4 + 3 + 3 + 3
+  // rather than 4 + 4 + 4 + 1, whose last panel would run one-vector tiles (a broadcast per FMA).
+  const int64_t vecs = (a.P + kL - 1) / kL, panels = (vecs + kMaxNV - 1) / kMaxNV, pairs = a.B * panels;
+  auto span = [&](int64_t p, int64_t& c0, int64_t& cols) {
+    const int64_t base = vecs / panels, extra = vecs % panels;
+    c0 = (p * base + std::min(p, extra)) * kL;
+    cols = std::min((base + (p < extra)) * kL, a.P - c0);
+  };
+  // Where the (sample, panel) pairs are too few to share out (batch 1 at 7x7 is one pair), the rows are split
+  // too, in blocks of whole tiles of every height; each block copies its panel again.
+  int64_t unit = 1;
+  for (int nv = 1; nv <= kMaxNV; ++nv) unit = std::lcm<int64_t>(unit, rows_for(nv));
+  const int64_t want = 4 * at::get_num_threads();
+  const int64_t blocks = std::clamp<int64_t>((want + pairs - 1) / pairs, 1, (a.N + unit - 1) / unit);
+  const int64_t block_rows = ((a.N + blocks - 1) / blocks + unit - 1) / unit * unit;
+  at::parallel_for(0, pairs * blocks, 1, [&](int64_t u0, int64_t u1) {
+    std::unique_ptr<float[]> buf(new float[a.K * kNR]);
+    int64_t packed = -1;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t pair = u / blocks, blk = u % blocks, b = pair / panels;
+      int64_t c0, cols;
+      span(pair % panels, c0, cols);
+      const int nv = panel_vectors(cols, 0);
+      if (pair != packed) {
+        const float* xs = a.x + (b * a.K) * a.P + c0;
+        for (int64_t k = 0; k < a.K; ++k) {
+          float* d = buf.get() + k * nv * kL;
+          std::memcpy(d, xs + k * a.P, sizeof(float) * cols);
+          std::fill(d + cols, d + nv * kL, 0.f);
+        }
+        packed = pair;
+      }
+      const int64_t out = b * a.N * a.P + c0;
+      const Args g{a.w, a.K, buf.get(), a.bias, true, a.r ? a.r + out : nullptr, a.y + out, a.P, a.N, a.K, cols,
+                   a.stream};
+      // The next pair's rows of x are scattered over K rows, which the hardware prefetcher does not follow:
+      // they are asked for a share at a time between this unit's tiles, so that they arrive while this panel
+      // is computed.
+      const int64_t next = pair + 1, m_end = std::min(a.N, (blk + 1) * block_rows), step = rows_for(nv);
+      const bool ahead = blk == blocks - 1 && next * blocks < u1;
+      int64_t nc0 = 0, ncols = 0;
+      if (ahead) span(next % panels, nc0, ncols);
+      const float* xn = a.x + (next / panels * a.K) * a.P + nc0;
+      const int64_t share = (a.K * step + m_end - blk * block_rows - 1) / (m_end - blk * block_rows);
+      for (int64_t m0 = blk * block_rows, k0 = 0; m0 < m_end; m0 += step, k0 += share) {
+        panel_rows_any<A>(g, m0, std::min(m_end, m0 + step), 0);
+        for (int64_t k = k0; ahead && k < std::min(a.K, k0 + share); ++k)
+          for (int64_t c = 0; c < ncols; c += 64 / sizeof(float)) __builtin_prefetch(xn + k * a.P + c, 0, 2);
+      }
+    }
+    if (a.stream) simd::stream_fence();
+  });
+}
+
+inline void run_nchw(const NchwArgs& a, Act act) {
+  chan::dispatch_act(act, [&](auto ac) { run_nchw_act<decltype(ac)::value>(a); });
 }
 
 }  // namespace gemm
