@@ -26,7 +26,7 @@ static std::string build_info() {
 #elif defined(__SSE2__)
   s += ";cpu_isa=sse2";
 #endif
-  // 1x1 channels_last fp32 convolutions (and linear_act) on fastops' own GEMM, cpu/gemm_kernels.h
+  // 1x1 fp32 convolutions (and linear_act) on fastops' own GEMM, cpu/gemm_kernels.h
   s += fastops::simd::kFmaVectors ? ";cpu_gemm=1" : ";cpu_gemm=0";
   return s;
 }

@@ -240,8 +240,8 @@ def test_gradcheck_cpu_float64(training, groups):
 # (csrc/cpu/gemm_kernels.h), channels_last over the pixels as rows, NCHW with the weight's rows as rows and the
 # pixels in panels (NCHW only for weights of up to 192 K elements). Output channels that fill 1-4 vectors of a
 # panel, several panels, a partial last vector; pixel counts that leave a partial tile, chunk or pixel panel
-# (35, 99 and 208 pixels: 1, 2 and 4 NCHW panels); batch 1, whose rows are split across threads in NCHW;
-# K = 769 past the GEMM's limit and a 512 x 400 weight past the NCHW one (oneDNN's path).
+# (35, 99 and 208 pixels: 1, 2 and 4 NCHW panels on AVX-512 builds); batch 1, whose rows are split across
+# threads in NCHW; K = 769 past the GEMM's limit and a 512 x 400 weight past the NCHW one (oneDNN's path).
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("n, h, w", [(1, 5, 7), (2, 9, 11), (3, 16, 13)], ids=lambda v: str(v))
 @pytest.mark.parametrize("ci, co", [(3, 16), (5, 7), (24, 48), (32, 64), (96, 96), (17, 112), (40, 200), (768, 40),
@@ -273,9 +273,9 @@ def test_cpu_1x1_gemm(n, h, w, ci, co, layout):
 @pytest.mark.parametrize("threads", [1, 3])
 def test_cpu_1x1_gemm_streamed_and_threads(threads, layout, monkeypatch):
     """The GEMM's streamed-store path (an output over the cache share: here any) on 1 and 3 threads, with the
-    rows split across threads in units that are not whole chunks (channels_last: 899 pixels), or the NCHW
-    path's (sample, pixel panel) pairs too few for 3 threads, so that each panel's weight rows are split too
-    (192 pixels, a multiple of 16 as the streamed stores need: 3 panels of 4 vectors)."""
+    rows split across threads in units that are not whole chunks (channels_last: 899 pixels), or (NCHW, 192
+    pixels, a multiple of 16 as the streamed stores need) the 6 (sample, pixel panel) pairs of an AVX-512
+    build fewer than the 12 units 3 threads ask for, so that each panel's weight rows are split in two."""
     monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", "0")
     fmt, n, h, w = ((torch.channels_last, 1, 29, 31) if layout == "channels_last"
                     else (torch.contiguous_format, 2, 16, 12))
@@ -287,6 +287,30 @@ def test_cpu_1x1_gemm_streamed_and_threads(threads, layout, monkeypatch):
     ref = ref_conv_bias_act(x.double(), wt.double(), b.double(), r.double(), [1, 1], [0] * 4, [1, 1], 1, "gelu")
     assert y.is_contiguous(memory_format=fmt)
     assert_close(y, ref, torch.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n, ci, co, h, w", [(1, 64, 144, 7, 7), (3, 96, 96, 7, 7), (2, 24, 40, 3, 4),
+                                             (1, 24, 72, 5, 5), (2, 17, 30, 1, 1), (1, 40, 144, 1, 1)],
+                         ids=lambda v: str(v))
+def test_cpu_1x1_gemm_nchw_small_maps(n, ci, co, h, w, threads):
+    """NCHW maps of few pixels: panels of one or two vectors (12 and 25 pixels), the weight rows split into
+    blocks for a few (sample, panel) pairs, with block counts that round down from what the threads ask for
+    (144 rows at batch 1, 96 at batch 3); and one-pixel maps, which stay on oneDNN's path."""
+    g = torch.Generator().manual_seed(ci * 100 + co)
+    x = torch.randn(n, ci, h, w, generator=g)
+    wt = torch.randn(co, ci, 1, 1, generator=g) / ci ** 0.5
+    b, r = torch.randn(co, generator=g), torch.randn(n, co, h, w, generator=g)
+    gemm = fastops._ext.BUILD_INFO.get("cpu_gemm") == "1" and h * w > 1
+    for act in ("relu6", "gelu"):
+        for res in (r, None):
+            with cpu_threads(threads), fastops.use_backend("cpu"), torch.profiler.profile() as prof:
+                y = fastops.conv_bias_act(x, wt, b, 1, 0, 1, 1, act, res)
+            conv = any("convolution" in e.name for e in prof.events())
+            assert conv != gemm, f"{'a' if conv else 'no'} library convolution ran"
+            ref = ref_conv_bias_act(x.double(), wt.double(), b.double(), None if res is None else res.double(),
+                                    [1, 1], [0] * 4, [1, 1], 1, act)
+            assert_close(y, ref, torch.float32, f"{act} residual={res is not None}")
 
 
 def test_cpu_1x1_gemm_weight_changes_are_seen():

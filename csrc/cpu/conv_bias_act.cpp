@@ -231,19 +231,21 @@ at::Tensor onednn_conv_act(const at::Tensor& x, const at::Tensor& w_plain, const
 }
 
 // fp32 1x1 convolutions with stride 1, no padding and one group are a GEMM over the pixels, which
-// gemm_kernels.h runs with the epilogue in its accumulators (for K up to its kMaxK), in either layout.
+// gemm_kernels.h runs with the epilogue in its accumulators (for K up to its kMaxK), in either layout. NCHW
+// maps of one pixel (single tokens, squeezed maps) stay with oneDNN: per sample they are a matrix-vector
+// product, one lane of each vector of the NCHW path's tiles in use.
 bool use_gemm(const at::Tensor& x, const ConvArgs& a, int64_t groups) {
   const Conv2dGeom& g = a.g;
   return gemm::kEnabled && x.scalar_type() == at::kFloat && groups == 1 && g.KH == 1 && g.KW == 1 &&
          g.SH == 1 && g.SW == 1 && g.PT == 0 && g.PL == 0 && g.PB == 0 && g.PR == 0 && g.C <= gemm::kMaxK &&
-         (a.cl || g.C * a.Cout <= gemm::kMaxNchwWeight) && x.numel() > 0;
+         (a.cl || (g.H * g.W > 1 && g.C * a.Cout <= gemm::kMaxNchwWeight)) && x.numel() > 0;
 }
 
 at::Tensor gemm_conv_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, const at::Tensor* res,
                          Act act, const ConvArgs& a) {
   at::Tensor y = at::empty({a.g.N, a.Cout, a.g.OH, a.g.OW}, x.options().memory_format(a.fmt));
+  const int64_t P = a.g.H * a.g.W;
   if (!a.cl) {
-    const int64_t P = a.g.H * a.g.W;
     const at::Tensor wc = w.contiguous();
     const std::vector<float> b = bias_vec<float>(bias, a.Cout);
     float* yp = y.data_ptr<float>();
@@ -261,7 +263,7 @@ at::Tensor gemm_conv_act(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const bool stream = simd::kWideBytes == 64 && a.Cout % 16 == 0 && (reinterpret_cast<uintptr_t>(yp) & 63) == 0 &&
                       simd::should_stream(y.nbytes());
   const gemm::Args g{x.data_ptr<float>(), a.g.C, panels.data_ptr<float>(), b.data(), false,
-                     res ? res->data_ptr<float>() : nullptr, yp, a.Cout, a.g.N * a.g.H * a.g.W, a.g.C, a.Cout, stream};
+                     res ? res->data_ptr<float>() : nullptr, yp, a.Cout, a.g.N * P, a.g.C, a.Cout, stream};
   gemm::run(g, act);
   return y;
 }

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <numeric>
@@ -61,8 +62,8 @@ constexpr int64_t kMaxK = 768;
 
 // Weight elements (N K) beyond which the NCHW path leaves the GEMM to oneDNN: run_nchw reads the whole weight
 // once per panel of pixels, and past the L2 it comes from L3. Timed in hot loops on two 2-core hosts (AMD
-// EPYC, Intel Xeon) over ResNet-50 / MobileNetV2 layers: at 256 K elements (1 MB) and above it ran at
-// 0.83-1.36x oneDNN's speed, below 0.9x in three runs of five; at 154 K and below it was ahead on most layers.
+// EPYC, Intel Xeon) over ResNet-50 / MobileNetV2 layers: at 256 K elements (1 MB) and above neither was
+// consistently faster; at 154 K and below this kernel was ahead on most layers (the limit lies between).
 constexpr int64_t kMaxNchwWeight = 192 * 1024;
 
 // Floats of the packed weight of an (N, K) one: every panel as wide as its whole vectors.
@@ -207,7 +208,7 @@ inline void run(const Args& g, Act act) {
 
 // NCHW maps: per sample b, y_b (N, P) = act(w (N, K) x_b (K, P) + bias + r_b) over the P = H W pixels.
 // Here the weight's rows are the tile rows (broadcast) and the pixels the columns: a unit of work copies one
-// panel of kNR pixels of x_b ([K][nv kL], zero-padded) into a per-thread buffer, which stays in L2 while the
+// panel of up to kNR pixels of x_b ([K][nv kL], zero-padded) into a per-thread buffer, which stays in L2 while the
 // weight's rows pass over it in tiles, with the bias per row. Nothing of x is packed between calls, so no
 // cache is involved.
 struct NchwArgs {
@@ -225,8 +226,8 @@ void run_nchw_act(const NchwArgs& a) {
   // The pixels' vectors shared out evenly over the fewest panels: 196 pixels (13 vectors) as 4 + 3 + 3 + 3
   // rather than 4 + 4 + 4 + 1, whose last panel would run one-vector tiles (a broadcast per FMA).
   const int64_t vecs = (a.P + kL - 1) / kL, panels = (vecs + kMaxNV - 1) / kMaxNV, pairs = a.B * panels;
+  const int64_t base = vecs / panels, extra = vecs % panels;
   auto span = [&](int64_t p, int64_t& c0, int64_t& cols) {
-    const int64_t base = vecs / panels, extra = vecs % panels;
     c0 = (p * base + std::min(p, extra)) * kL;
     cols = std::min((base + (p < extra)) * kL, a.P - c0);
   };
@@ -235,16 +236,21 @@ void run_nchw_act(const NchwArgs& a) {
   int64_t unit = 1;
   for (int nv = 1; nv <= kMaxNV; ++nv) unit = std::lcm<int64_t>(unit, rows_for(nv));
   const int64_t want = 4 * at::get_num_threads();
-  const int64_t blocks = std::clamp<int64_t>((want + pairs - 1) / pairs, 1, (a.N + unit - 1) / unit);
-  const int64_t block_rows = ((a.N + blocks - 1) / blocks + unit - 1) / unit * unit;
+  const int64_t asked = std::clamp<int64_t>((want + pairs - 1) / pairs, 1, (a.N + unit - 1) / unit);
+  const int64_t block_rows = ((a.N + asked - 1) / asked + unit - 1) / unit * unit;
+  // Rounding the blocks up to whole units can leave fewer of them than asked for (none empty).
+  const int64_t blocks = (a.N + block_rows - 1) / block_rows;
   at::parallel_for(0, pairs * blocks, 1, [&](int64_t u0, int64_t u1) {
-    std::unique_ptr<float[]> buf(new float[a.K * kNR]);
+    // 64-byte aligned (K kNR floats are a multiple of 64 bytes), so that no panel load splits a cache line.
+    std::unique_ptr<float, decltype(&std::free)> buf(
+        static_cast<float*>(std::aligned_alloc(64, sizeof(float) * a.K * kNR)), &std::free);
+    TORCH_CHECK(buf, "gemm: out of memory for a ", a.K, " x ", kNR, " panel");
     int64_t packed = -1;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t pair = u / blocks, blk = u % blocks, b = pair / panels;
       int64_t c0, cols;
       span(pair % panels, c0, cols);
-      const int nv = panel_vectors(cols, 0);
+      const int nv = static_cast<int>((cols + kL - 1) / kL);
       if (pair != packed) {
         const float* xs = a.x + (b * a.K) * a.P + c0;
         for (int64_t k = 0; k < a.K; ++k) {
@@ -260,13 +266,13 @@ void run_nchw_act(const NchwArgs& a) {
       // The next pair's rows of x are scattered over K rows, which the hardware prefetcher does not follow:
       // they are asked for a share at a time between this unit's tiles, so that they arrive while this panel
       // is computed.
-      const int64_t next = pair + 1, m_end = std::min(a.N, (blk + 1) * block_rows), step = rows_for(nv);
+      const int64_t next = pair + 1, m_begin = blk * block_rows, m_end = std::min(a.N, m_begin + block_rows);
+      const int64_t step = rows_for(nv), share = (a.K * step + (m_end - m_begin) - 1) / (m_end - m_begin);
       const bool ahead = blk == blocks - 1 && next * blocks < u1;
       int64_t nc0 = 0, ncols = 0;
       if (ahead) span(next % panels, nc0, ncols);
-      const float* xn = a.x + (next / panels * a.K) * a.P + nc0;
-      const int64_t share = (a.K * step + m_end - blk * block_rows - 1) / (m_end - blk * block_rows);
-      for (int64_t m0 = blk * block_rows, k0 = 0; m0 < m_end; m0 += step, k0 += share) {
+      const float* xn = ahead ? a.x + (next / panels * a.K) * a.P + nc0 : a.x;
+      for (int64_t m0 = m_begin, k0 = 0; m0 < m_end; m0 += step, k0 += share) {
         panel_rows_any<A>(g, m0, std::min(m_end, m0 + step), 0);
         for (int64_t k = k0; ahead && k < std::min(a.K, k0 + share); ++k)
           for (int64_t c = 0; c < ncols; c += 64 / sizeof(float)) __builtin_prefetch(xn + k * a.P + c, 0, 2);
