@@ -242,6 +242,26 @@ def test_gradcheck_cpu_float64(training, groups):
 # panel, several panels, a partial last vector; pixel counts that leave a partial tile, chunk or pixel panel
 # (35, 99 and 208 pixels: 1, 2 and 4 NCHW panels on AVX-512 builds); batch 1, whose rows are split across
 # threads in NCHW; K = 769 past the GEMM's limit and a 512 x 400 weight past the NCHW one (oneDNN's path).
+NCHW_GEMM_MAX_WEIGHT = 192 * 1024  # gemm::kMaxNchwWeight
+CPU_GEMM = fastops._ext.BUILD_INFO.get("cpu_gemm") == "1"
+
+
+def _check_1x1(x, wt, bias, res, act, gemm):
+    """One CPU 1x1 conv_bias_act call against float64, in x's layout, on a poisoned allocator; `gemm`: whether
+    fastops' GEMM should have served it (then no ATen / oneDNN convolution runs) or oneDNN's path."""
+    n, co, h, w = x.shape[0], wt.shape[0], x.shape[2], x.shape[3]
+    poison_allocator(n * co * h * w)
+    with fastops.use_backend("cpu"), torch.profiler.profile() as prof:
+        y = fastops.conv_bias_act(x, wt, bias, 1, 0, 1, 1, act, res)
+    conv = any("convolution" in e.name for e in prof.events())
+    assert conv != gemm, f"{'a' if conv else 'no'} library convolution ran"
+    ref = ref_conv_bias_act(x.double(), wt.double(), None if bias is None else bias.double(),
+                            None if res is None else res.double(), [1, 1], [0] * 4, [1, 1], 1, act)
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    assert_close(y, ref, torch.float32, f"{act} bias={bias is not None} residual={res is not None}")
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("n, h, w", [(1, 5, 7), (2, 9, 11), (3, 16, 13)], ids=lambda v: str(v))
 @pytest.mark.parametrize("ci, co", [(3, 16), (5, 7), (24, 48), (32, 64), (96, 96), (17, 112), (40, 200), (768, 40),
@@ -253,20 +273,11 @@ def test_cpu_1x1_gemm(n, h, w, ci, co, layout):
     wt = torch.randn(co, ci, 1, 1, generator=g) / ci ** 0.5
     b = torch.randn(co, generator=g)
     r = torch.randn(n, co, h, w, generator=g).contiguous(memory_format=fmt)
-    # Which path ran: the GEMM calls no ATen / oneDNN convolution (builds without AVX2 + FMA leave it out).
-    gemm = (fastops._ext.BUILD_INFO.get("cpu_gemm") == "1" and ci <= 768
-            and (layout == "channels_last" or ci * co <= 192 * 1024))
+    # Builds without AVX2 + FMA leave the GEMM out.
+    gemm = CPU_GEMM and ci <= 768 and (layout == "channels_last" or ci * co <= NCHW_GEMM_MAX_WEIGHT)
     for act in ACTS:
         for bias, res in ((b, r), (None, None), (b, None)):
-            poison_allocator(n * co * h * w)
-            with fastops.use_backend("cpu"), torch.profiler.profile() as prof:
-                y = fastops.conv_bias_act(x, wt, bias, 1, 0, 1, 1, act, res)
-            conv = any("convolution" in e.name for e in prof.events())
-            assert conv != gemm, f"{'a' if conv else 'no'} library convolution ran"
-            ref = ref_conv_bias_act(x.double(), wt.double(), None if bias is None else bias.double(),
-                                    None if res is None else res.double(), [1, 1], [0] * 4, [1, 1], 1, act)
-            assert y.is_contiguous(memory_format=fmt)
-            assert_close(y, ref, torch.float32, f"{act} bias={bias is not None} residual={res is not None}")
+            _check_1x1(x, wt, bias, res, act, gemm)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
@@ -301,16 +312,10 @@ def test_cpu_1x1_gemm_nchw_small_maps(n, ci, co, h, w, threads):
     x = torch.randn(n, ci, h, w, generator=g)
     wt = torch.randn(co, ci, 1, 1, generator=g) / ci ** 0.5
     b, r = torch.randn(co, generator=g), torch.randn(n, co, h, w, generator=g)
-    gemm = fastops._ext.BUILD_INFO.get("cpu_gemm") == "1" and h * w > 1
-    for act in ("relu6", "gelu"):
-        for res in (r, None):
-            with cpu_threads(threads), fastops.use_backend("cpu"), torch.profiler.profile() as prof:
-                y = fastops.conv_bias_act(x, wt, b, 1, 0, 1, 1, act, res)
-            conv = any("convolution" in e.name for e in prof.events())
-            assert conv != gemm, f"{'a' if conv else 'no'} library convolution ran"
-            ref = ref_conv_bias_act(x.double(), wt.double(), b.double(), None if res is None else res.double(),
-                                    [1, 1], [0] * 4, [1, 1], 1, act)
-            assert_close(y, ref, torch.float32, f"{act} residual={res is not None}")
+    with cpu_threads(threads):
+        for act in ("relu6", "gelu"):
+            for res in (r, None):
+                _check_1x1(x, wt, b, res, act, CPU_GEMM and h * w > 1)
 
 
 def test_cpu_1x1_gemm_weight_changes_are_seen():
