@@ -263,7 +263,7 @@ at::Tensor gemm_conv_act(const at::Tensor& x, const at::Tensor& w, const at::Ten
   }
   const at::Tensor panels = PackedWeights::get().gemm_panels(w);
   gemm::run({x.data_ptr<float>(), a.g.C, panels.data_ptr<float>(), b.data(), false, rp, yp, a.Cout, a.g.N * P, a.g.C,
-             a.Cout, stream},
+             a.Cout, stream, true},
             act);
   return y;
 }
