@@ -110,24 +110,30 @@ struct Args {
   int64_t ldy;
   int64_t M, K, N;
   bool stream;          // y written around the cache (AVX-512, ldy % 16 == 0, y 64-byte aligned)
-  bool prefetch;        // x's and r's rows asked for one tile ahead (see tile)
+  bool prefetch;        // x's and r's rows asked for one tile ahead (see tile): false where x is hot
 };
 
+// Floats per cache line.
+constexpr int64_t kLine = 64 / sizeof(float);
+
 // One tile: `rows` (<= MR) rows from m0, the nv vectors of panel p.
-template <int NV, Act A>
+//
+// Inside a model x and r arrive from memory (the layer before wrote more than the cache keeps), and the hardware
+// prefetcher did not keep up with the tiles' rows: with the cache flushed before each call ResNet-50's 256 -> 64
+// layer at 56x56 took 3.17 ms (2-core Xeon). With PF the tile asks for the next tile's rows instead: in the first
+// panel x's, a line of each row per kLine steps of k (later panels read them from L2, where the chunk keeps
+// them), and in every panel r's columns of this panel (2.63 ms).
+template <int NV, Act A, bool PF>
 inline void tile(const Args& g, int64_t m0, int64_t rows, int64_t p) {
   constexpr int MR = rows_for(NV);
   const int64_t K = g.K, n0 = p * kNR, cols = std::min<int64_t>(NV * kL, g.N - n0);
-  // Inside a model x and r arrive from memory (the layer before wrote more than the cache keeps), and six to
-  // twelve rows read side by side, k by k, are more streams than the hardware prefetcher runs ahead of: it left
-  // ResNet-50's 256 -> 64 layer at 56x56 waiting, 3.2 ms with the cache flushed against 2.1 ms warm (2-core
-  // Xeon). So the first panel's tiles ask for the next tile's rows: x's a line per kL steps of k, r's whole
-  // rows at the start (2.6 ms cold; later panels find both in cache).
-  const int64_t ahead = g.prefetch && p == 0 ? std::clamp<int64_t>(g.M - m0 - MR, 0, MR) : 0;
-  const float* xn = g.x + (m0 + MR) * g.lda;
-  const float* rn = g.r ? g.r + (m0 + MR) * g.ldy : nullptr;
-  for (int64_t i = 0; rn && i < ahead; ++i)
-    for (int64_t c = 0; c < g.N; c += 64 / sizeof(float)) __builtin_prefetch(rn + i * g.ldy + c, 0, 3);
+  const int64_t ahead = PF ? std::clamp<int64_t>(g.M - m0 - MR, 0, MR) : 0;
+  const float* xn = ahead > 0 && p == 0 ? g.x + (m0 + MR) * g.lda : nullptr;
+  if (ahead > 0 && g.r) {
+    const float* rn = g.r + (m0 + MR) * g.ldy + n0;
+    for (int64_t i = 0; i < ahead; ++i)
+      for (int64_t c = 0; c < cols; c += kLine) __builtin_prefetch(rn + i * g.ldy + c, 0, 3);
+  }
   const float* __restrict__ bp = g.packed + p * kNR * K;
   const float* ap[MR];
   for (int i = 0; i < MR; ++i) ap[i] = g.x + (m0 + std::min<int64_t>(i, rows - 1)) * g.lda;
@@ -148,8 +154,10 @@ inline void tile(const Args& g, int64_t m0, int64_t rows, int64_t p) {
     }
   }
   for (int64_t k = 0; k < K; ++k) {
-    if (ahead && k % kL == 0)
-      for (int64_t i = 0; i < ahead; ++i) __builtin_prefetch(xn + i * g.lda + k, 0, 3);
+    if constexpr (PF) {
+      if (xn && k % kLine == 0)
+        for (int64_t i = 0; i < ahead; ++i) __builtin_prefetch(xn + i * g.lda + k, 0, 3);
+    }
     typename W::V b[NV];
 #pragma GCC unroll 16
     for (int j = 0; j < NV; ++j) b[j] = W::load(bp + k * (NV * kL) + j * kL);
@@ -183,7 +191,11 @@ inline void tile(const Args& g, int64_t m0, int64_t rows, int64_t p) {
 template <int NV, Act A>
 inline void panel_rows(const Args& g, int64_t m0, int64_t m1, int64_t p) {
   constexpr int MR = rows_for(NV);
-  for (int64_t m = m0; m < m1; m += MR) tile<NV, A>(g, m, std::min<int64_t>(MR, m1 - m), p);
+  // The prefetching tiles only where they have something to fetch: the others keep the plain k loop.
+  if (g.prefetch && (p == 0 || g.r))
+    for (int64_t m = m0; m < m1; m += MR) tile<NV, A, true>(g, m, std::min<int64_t>(MR, m1 - m), p);
+  else
+    for (int64_t m = m0; m < m1; m += MR) tile<NV, A, false>(g, m, std::min<int64_t>(MR, m1 - m), p);
 }
 
 // Runs panel_rows for panel p with its vector count as a template argument.
