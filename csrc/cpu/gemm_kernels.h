@@ -300,7 +300,7 @@ void run_nchw_act(const NchwArgs& a) {
       for (int64_t m0 = m_begin, k0 = 0; m0 < m_end; m0 += step, k0 += share) {
         panel_rows_any<A>(g, m0, std::min(m_end, m0 + step), 0);
         for (int64_t k = k0; ahead && k < std::min(a.K, k0 + share); ++k)
-          for (int64_t c = 0; c < ncols; c += 64 / sizeof(float)) __builtin_prefetch(xn + k * a.P + c, 0, 2);
+          for (int64_t c = 0; c < ncols; c += kLine) __builtin_prefetch(xn + k * a.P + c, 0, 2);
       }
     }
     if (a.stream) simd::stream_fence();
