@@ -21,7 +21,9 @@ static std::string build_info() {
 #ifdef _OPENMP
   s += ";openmp=1";
 #endif
-#ifdef __AVX2__
+#if defined(__AVX512F__)
+  s += ";cpu_isa=avx512";
+#elif defined(__AVX2__)
   s += ";cpu_isa=avx2";
 #elif defined(__SSE2__)
   s += ";cpu_isa=sse2";
