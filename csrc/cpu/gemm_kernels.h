@@ -131,8 +131,7 @@ inline void tile(const Args& g, int64_t m0, int64_t rows, int64_t p) {
   const float* xn = ahead > 0 && p == 0 ? g.x + (m0 + MR) * g.lda : nullptr;
   if (ahead > 0 && g.r) {
     const float* rn = g.r + (m0 + MR) * g.ldy + n0;
-    for (int64_t i = 0; i < ahead; ++i)
-      for (int64_t c = 0; c < cols; c += kLine) __builtin_prefetch(rn + i * g.ldy + c, 0, 3);
+    for (int64_t i = 0; i < ahead; ++i) dw::prefetch_range(rn + i * g.ldy, cols * static_cast<int64_t>(sizeof(float)));
   }
   const float* __restrict__ bp = g.packed + p * kNR * K;
   const float* ap[MR];
