@@ -32,9 +32,9 @@ inline V bcast_lanes(T a, std::index_sequence<I...>) {
   return V{((void)I, a)...};
 }
 
-template <typename T>
-inline typename simd::Vec<T>::V bcast(T a) {
-  return bcast_lanes<typename simd::Vec<T>::V>(a, std::make_index_sequence<simd::Vec<T>::N>{});
+template <typename T, int kB = 32>
+inline typename simd::Vec<T, kB>::V bcast(T a) {
+  return bcast_lanes<typename simd::Vec<T, kB>::V>(a, std::make_index_sequence<simd::Vec<T, kB>::N>{});
 }
 
 // Runs worker(grab) once on each of at::parallel_for's threads; grab(t0, t1) hands out the next `chunk` tasks
@@ -89,10 +89,10 @@ struct RowPtrsA {  // rows anywhere in memory (gathered in place), R at most
 };
 
 // C (R x NV vectors, ldc) (+)= A (R x kd) B (kd x NV vectors, ldb). kAccum adds the product to C (a sum over
-// blocks of the inner dimension) instead of overwriting it.
-template <typename T, bool kAccum, int R, int NV, typename Acc>
+// blocks of the inner dimension) instead of overwriting it. Vectors of kB bytes.
+template <typename T, bool kAccum, int R, int NV, int kB = 32, typename Acc>
 inline void micro(int64_t kd, const Acc a, const T* __restrict__ B, int64_t ldb, T* __restrict__ C, int64_t ldc) {
-  using S = simd::Vec<T>;
+  using S = simd::Vec<T, kB>;
   using V = typename S::V;
   V acc[R][NV];
 #pragma GCC unroll 8
@@ -106,7 +106,7 @@ inline void micro(int64_t kd, const Acc a, const T* __restrict__ B, int64_t ldb,
     for (int v = 0; v < NV; ++v) bv[v] = S::load(b + v * S::N);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const V x = bcast<T>(a(r, k));
+      const V x = bcast<T, kB>(a(r, k));
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] += x * bv[v];
     }
@@ -118,15 +118,15 @@ inline void micro(int64_t kd, const Acc a, const T* __restrict__ B, int64_t ldb,
 }
 
 // The tile of rows x nv (at most R x NV) as a compile-time shape.
-template <typename T, bool kAccum, int R, int NV, typename Acc>
+template <typename T, bool kAccum, int R, int NV, int kB = 32, typename Acc>
 inline void micro_any(int rows, int nv, int64_t kd, const Acc& a, const T* B, int64_t ldb, T* C, int64_t ldc) {
   if constexpr (R > 1) {
-    if (rows < R) return micro_any<T, kAccum, R - 1, NV>(rows, nv, kd, a, B, ldb, C, ldc);
+    if (rows < R) return micro_any<T, kAccum, R - 1, NV, kB>(rows, nv, kd, a, B, ldb, C, ldc);
   }
   if constexpr (NV > 1) {
-    if (nv < NV) return micro_any<T, kAccum, R, NV - 1>(rows, nv, kd, a, B, ldb, C, ldc);
+    if (nv < NV) return micro_any<T, kAccum, R, NV - 1, kB>(rows, nv, kd, a, B, ldb, C, ldc);
   }
-  micro<T, kAccum, R, NV>(kd, a, B, ldb, C, ldc);
+  micro<T, kAccum, R, NV, kB>(kd, a, B, ldb, C, ldc);
 }
 
 // C (M x nc, ldc) (+)= op(A) (M x kd) B (kd x nc, ldb), op(A)[m][k] = A[m * lda + k], or with kTransA

@@ -35,6 +35,14 @@ constexpr const char* kFwd = "fastops::spatial_reduction";
 constexpr const char* kBwd = "fastops::spatial_reduction_backward";
 constexpr int64_t kPool = 7;  // AdaptiveAvgPool2d(7) of the linear mode
 
+// The GEMM's vectors: the build's widest. A core with full-width AVX-512 units runs half as many FMAs per
+// cycle on 32-byte vectors. Register tile: kMR rows x kNV vectors (AVX-512: 24 accumulators of its 32
+// registers; AVX2: 12 of 16, as attn::kRows x attn::kVecs).
+constexpr int kWB = simd::kWideBytes;
+constexpr int kMR = attn::kRows, kNV = kWB == 64 ? 4 : attn::kVecs;
+template <typename T>
+constexpr int64_t kLanes = simd::Vec<T, kWB>::N;
+
 struct Geom {
   int64_t B, H, W, N, C, k, Hr, Wr, Nr, K;  // K = k * k * C, the GEMM's inner dimension
   bool linear;
@@ -115,8 +123,8 @@ template <typename scalar_t, typename T>
 PackedW<T> pack_weight(const Geom& g, const scalar_t* w) {
   PackedW<T> p;
   p.K = g.K;
-  p.Cp = round_up(g.C, simd::Vec<T>::N);
-  p.tile = attn::kVecs * simd::Vec<T>::N;
+  p.Cp = round_up(g.C, kLanes<T>);
+  p.tile = kNV * kLanes<T>;
   p.data.reset(new T[p.K * p.Cp]);
   const int64_t C = g.C, K = g.K, kk = g.k * g.k;
   constexpr int64_t kB = simd::Vec<T>::N;  // output channels per block: one vector (an 8 x 8 transpose in fp32)
@@ -159,7 +167,7 @@ PackedW<T> pack_weight(const Geom& g, const scalar_t* w) {
 template <typename T>
 void gemm_rows(int64_t nrows, const T* const* rows, int64_t ky_stride, int64_t nky, int64_t kC, const PackedW<T>& w,
                int64_t kc, T* acc) {
-  constexpr int Wd = simd::Vec<T>::N, kMR = attn::kRows, kNV = attn::kVecs;
+  constexpr int Wd = kLanes<T>;
   const int64_t Cp = w.Cp;
   attn::RowPtrsA<T, kMR> a;
   for (int64_t ky = 0; ky < nky; ++ky) {
@@ -178,9 +186,9 @@ void gemm_rows(int64_t nrows, const T* const* rows, int64_t ky_stride, int64_t n
           const int nv = static_cast<int>(wd / Wd);
           const T* Bp = w.panel(n0) + j0 * wd;
           if (first)
-            attn::micro_any<T, false, kMR, kNV>(R, nv, kd, a, Bp, wd, acc + g0 * Cp + n0, Cp);
+            attn::micro_any<T, false, kMR, kNV, kWB>(R, nv, kd, a, Bp, wd, acc + g0 * Cp + n0, Cp);
           else
-            attn::micro_any<T, true, kMR, kNV>(R, nv, kd, a, Bp, wd, acc + g0 * Cp + n0, Cp);
+            attn::micro_any<T, true, kMR, kNV, kWB>(R, nv, kd, a, Bp, wd, acc + g0 * Cp + n0, Cp);
         }
       }
     }
@@ -287,8 +295,7 @@ void forward_kernel(const Geom& g, const at::Tensor& x, const at::Tensor& weight
                     const at::Tensor& norm_bias, double eps_d, at::Tensor& out, at::Tensor& y, at::Tensor& stats) {
   using T = at::opmath_type<scalar_t>;
   constexpr bool kInPlace = std::is_same_v<T, scalar_t>;
-  constexpr int Wd = simd::Vec<T>::N;
-  const int64_t C = g.C, Cp = round_up(C, Wd), K = g.K, kC = g.k * C, M = g.B * g.Nr;
+  const int64_t C = g.C, Cp = round_up(C, kLanes<T>), K = g.K, kC = g.k * C, M = g.B * g.Nr;
   const scalar_t* px = x.data_ptr<scalar_t>();
   const PackedW<T> Wp = pack_weight<scalar_t, T>(g, weight.data_ptr<scalar_t>());
   const bool has_bias = bias.has_value() && bias->defined();
