@@ -64,6 +64,14 @@ void parallel_dynamic(int64_t n, int64_t chunk, const Worker& worker) {
 // every FMA (15 loads), more than two load ports serve in the FMAs' time.
 constexpr int kRows = 6;
 constexpr int kVecs = 2;
+// gemm, gemm_packed and the packers run on the build's widest vectors: a core with full-width AVX-512 units
+// does half as many FMAs per cycle on 32-byte ones. With AVX-512's 32 registers the tile is 6 x 4 (24
+// accumulators); with AVX2 it stays 6 x 2. Every padded dimension those products read is a multiple of
+// kLanes<T>, and a column offset into packed panels a multiple of kWideVecs * kLanes<T>.
+constexpr int kWB = simd::kWideBytes;
+constexpr int kWideVecs = kWB == 64 ? 4 : kVecs;
+template <typename T>
+constexpr int64_t kLanes = simd::Vec<T, kWB>::N;
 
 // How a tile reads A: a(r, k) is the element of the tile's row r at inner index k.
 template <typename T>
@@ -132,16 +140,16 @@ inline void micro_any(int rows, int nv, int64_t kd, const Acc& a, const T* B, in
 // C (M x nc, ldc) (+)= op(A) (M x kd) B (kd x nc, ldb), op(A)[m][k] = A[m * lda + k], or with kTransA
 // A[k * lda + m]; nc a multiple of the SIMD width. Column tiles outside, so that B's panel (kd x NV vectors)
 // stays in L1 while the row tiles pass.
-template <typename T, bool kTransA, bool kAccum = false, int R = kRows, int NV = kVecs>
+template <typename T, bool kTransA, bool kAccum = false, int R = kRows, int NV = kWideVecs, int kB = kWB>
 void gemm(int64_t M, int64_t nc, int64_t kd, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
-  constexpr int W = simd::Vec<T>::N;
+  constexpr int W = simd::Vec<T, kB>::N;
   using Acc = std::conditional_t<kTransA, TransposedA<T>, RowMajorA<T>>;
   const Acc a{A, lda};
   for (int64_t c0 = 0; c0 < nc; c0 += NV * W) {
     const int nv = static_cast<int>(std::min<int64_t>(NV, (nc - c0) / W));
     for (int64_t m = 0; m < M; m += R) {
       const int rows = static_cast<int>(std::min<int64_t>(R, M - m));
-      micro_any<T, kAccum, R, NV>(rows, nv, kd, a.shift(m), B + c0, ldb, C + m * ldc + c0, ldc);
+      micro_any<T, kAccum, R, NV, kB>(rows, nv, kd, a.shift(m), B + c0, ldb, C + m * ldc + c0, ldc);
     }
   }
 }
@@ -151,15 +159,15 @@ void gemm(int64_t M, int64_t nc, int64_t kd, const T* A, int64_t lda, const T* B
 // width), so that a micro-kernel call streams one sequential block. A row-major B with a power-of-two row
 // stride would instead map a panel's rows onto a few L1 sets and evict itself. Rows koff .. koff + kd are
 // used; columns [0, nc) with nc the packed width less any whole panels before B.
-template <typename T, bool kTransA, bool kAccum = false, int R = kRows, int NV = kVecs>
+template <typename T, bool kTransA, bool kAccum = false, int R = kRows, int NV = kWideVecs, int kB = kWB>
 void gemm_packed(int64_t M, int64_t nc, int64_t kd, const T* A, int64_t lda, const T* B, int64_t kstride,
                  int64_t koff, T* C, int64_t ldc) {
-  constexpr int W = simd::Vec<T>::N;
+  constexpr int W = simd::Vec<T, kB>::N;
   using Acc = std::conditional_t<kTransA, TransposedA<T>, RowMajorA<T>>;
   const Acc a{A, lda};
   auto tile = [&](int64_t m, int64_t c0) {
     const int64_t w = std::min<int64_t>(NV * W, nc - c0);
-    micro_any<T, kAccum, R, NV>(static_cast<int>(std::min<int64_t>(R, M - m)), static_cast<int>(w / W), kd,
+    micro_any<T, kAccum, R, NV, kB>(static_cast<int>(std::min<int64_t>(R, M - m)), static_cast<int>(w / W), kd,
                                 a.shift(m), B + c0 * kstride + koff * w, w, C + m * ldc + c0, ldc);
   };
   if (nc * kd * static_cast<int64_t>(sizeof(T)) <= 16384) {
@@ -346,7 +354,7 @@ inline void transpose(const S* __restrict__ a, int64_t rows, int64_t cols, int64
 // colsp >= cols columns (a multiple of the SIMD width), zero past cols.
 template <typename S, typename T>
 void pack_rows(const S* src, int64_t ld, int64_t rows, int64_t cols, int64_t colsp, T* dst) {
-  constexpr int64_t tile = kVecs * simd::Vec<T>::N;
+  constexpr int64_t tile = kWideVecs * kLanes<T>;
   for (int64_t c0 = 0; c0 < colsp; c0 += tile) {
     const int64_t w = std::min(tile, colsp - c0), n = std::clamp<int64_t>(cols - c0, 0, w);
     T* panel = dst + c0 * rows;
@@ -362,7 +370,7 @@ void pack_rows(const S* src, int64_t ld, int64_t rows, int64_t cols, int64_t col
 // source rows, whole-vector stores), the rest element by element.
 template <typename S, typename T>
 void pack_transposed(const S* src, int64_t ld, int64_t rows, int64_t cols, int64_t colsp, T* dst) {
-  constexpr int64_t tile = kVecs * simd::Vec<T>::N;
+  constexpr int64_t tile = kWideVecs * kLanes<T>;
   for (int64_t c0 = 0; c0 < colsp; c0 += tile) {
     const int64_t w = std::min(tile, colsp - c0), n = std::clamp<int64_t>(cols - c0, 0, w);
     T* panel = dst + c0 * rows;

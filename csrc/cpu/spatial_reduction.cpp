@@ -35,13 +35,9 @@ constexpr const char* kFwd = "fastops::spatial_reduction";
 constexpr const char* kBwd = "fastops::spatial_reduction_backward";
 constexpr int64_t kPool = 7;  // AdaptiveAvgPool2d(7) of the linear mode
 
-// The GEMM's vectors: the build's widest. A core with full-width AVX-512 units runs half as many FMAs per
-// cycle on 32-byte vectors. Register tile: kMR rows x kNV vectors (AVX-512: 24 accumulators of its 32
-// registers; AVX2: 12 of 16, as attn::kRows x attn::kVecs).
-constexpr int kWB = simd::kWideBytes;
-constexpr int kMR = attn::kRows, kNV = kWB == 64 ? 4 : attn::kVecs;
-template <typename T>
-constexpr int64_t kLanes = simd::Vec<T, kWB>::N;
+// The GEMM's tile: attn's, on the build's widest vectors (see attn::kWideVecs).
+constexpr int kWB = attn::kWB, kMR = attn::kRows, kNV = attn::kWideVecs;
+using attn::kLanes;
 
 struct Geom {
   int64_t B, H, W, N, C, k, Hr, Wr, Nr, K;  // K = k * k * C, the GEMM's inner dimension

@@ -100,7 +100,7 @@ struct HeadKV {
   int64_t hd, hdp, Nr, Nrp, cur = -1;
   std::vector<T> kt, v, k, vt;
   HeadKV(const Dims& d, bool backward)
-      : hd(d.hd), hdp(round_up(d.hd, simd::Vec<T>::N)), Nr(d.Nr), Nrp(round_up(d.Nr, simd::Vec<T>::N)),
+      : hd(d.hd), hdp(round_up(d.hd, attn::kLanes<T>)), Nr(d.Nr), Nrp(round_up(d.Nr, attn::kLanes<T>)),
         kt(hd * Nrp), v(Nr * hdp), k(backward ? Nr * hdp : 0), vt(backward ? hd * Nrp : 0) {}
 
   void gather(const scalar_t* kv, const Dims& d, int64_t bh) {
@@ -179,7 +179,7 @@ template <typename scalar_t>
 struct ForwardWorker {
   using T = at::opmath_type<scalar_t>;
   static constexpr bool kInPlace = std::is_same_v<T, scalar_t>;  // fp32 / fp64 q is read where it lies
-  static constexpr int Wd = simd::Vec<T>::N;
+  static constexpr int Wd = attn::kLanes<T>;
   const Dims& d;
   const scalar_t* q;
   const scalar_t* kv;
@@ -291,7 +291,7 @@ template <typename scalar_t>
 struct BackwardWorker {
   using T = at::opmath_type<scalar_t>;
   using S = simd::Vec<T>;
-  static constexpr int Wd = S::N;
+  static constexpr int Wd = attn::kLanes<T>;
   const Dims& d;
   const scalar_t *go, *q, *kv, *out;
   const T* lse;
@@ -359,7 +359,7 @@ template <typename scalar_t>
 void backward_kernel(const Dims& d, const at::Tensor& go, const at::Tensor& q, const at::Tensor& kv,
                      const at::Tensor& out, const at::Tensor& lse, double scale_d, at::Tensor& gq, at::Tensor& gkv) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t hd = d.hd, hdp = round_up(hd, simd::Vec<T>::N), C = d.C, C2 = 2 * C, Nr = d.Nr;
+  const int64_t hd = d.hd, hdp = round_up(hd, attn::kLanes<T>), C = d.C, C2 = 2 * C, Nr = d.Nr;
   const T scale = static_cast<T>(scale_d);
   scalar_t* pgkv = gkv.data_ptr<scalar_t>();
   const int64_t nbh = d.B * d.heads, nthreads = at::get_num_threads();

@@ -281,7 +281,7 @@ template <typename scalar_t>
 void forward_kernel(const Geom& g, const at::Tensor& qkv, const c10::optional<at::Tensor>& bias,
                     const c10::optional<at::Tensor>& pad, double scale_d, at::Tensor& out, at::Tensor& lse) {
   using T = at::opmath_type<scalar_t>;
-  constexpr int Wd = simd::Vec<T>::N;
+  constexpr int Wd = attn::kLanes<T>;
   const int64_t N = g.N, Np = round_up(N, Wd), hd = g.hd, hdp = round_up(hd, Wd), C = g.C, C3 = 3 * C;
   const int64_t HW = g.H * g.W;
   const T scale2 = static_cast<T>(scale_d * kLog2e);
@@ -383,7 +383,7 @@ void backward_kernel(const Geom& g, const at::Tensor& go, const at::Tensor& qkv,
                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& pad, double scale_d,
                      bool bias_grad, bool pad_grad, at::Tensor& gqkv, at::Tensor& gbias, at::Tensor& gpad) {
   using T = at::opmath_type<scalar_t>;
-  constexpr int Wd = simd::Vec<T>::N;
+  constexpr int Wd = attn::kLanes<T>;
   const int64_t N = g.N, Np = round_up(N, Wd), hd = g.hd, hdp = round_up(hd, Wd), C = g.C, C3 = 3 * C;
   const int64_t HW = g.H * g.W;
   const T scale = static_cast<T>(scale_d);
