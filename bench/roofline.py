@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastops
 from fastops import _ext, backends
@@ -339,10 +340,22 @@ def measure_machine(device: torch.device) -> Machine:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     del a, b
+    how_flops = f"fp32 matmul {n_mm}^3"
+    if device.type == "cpu":
+        # torch.mm's BLAS can run narrower vectors than the CPU has: on a 2-core AVX-512 EPYC it reached 160
+        # GFLOP/s and oneDNN's 3x3 convolution 395, which put kernels here at up to 2x "the ceiling". oneDNN picks
+        # its kernels for the CPU it finds: the FLOP/s ceiling is the faster of the two.
+        x = torch.randn(8, 256, 28, 28).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(256, 256, 3, 3)
+        with torch.no_grad():
+            conv = 2 * (x.numel() // x.shape[1]) * w.numel() / _best_seconds(lambda: F.conv2d(x, w, padding=1), reps, device)
+        how_flops += f" ({flops / 1e9:.0f} GFLOP/s) or 3x3 conv 8x256x28x28 ({conv / 1e9:.0f} GFLOP/s), the faster"
+        flops = max(flops, conv)
+        del x, w
     if device.type == "cuda":
         torch.cuda.empty_cache()
     details["ceilings_how"] = (f"copy of {n_copy * 4 / 2**20:.0f} MiB fp32 (read+write bytes), "
-                               f"fp32 matmul {n_mm}^3, best of {reps}")
+                               f"{how_flops}, best of {reps}")
     return Machine(device.type, name, threads, bw, flops, l2, details)
 
 
