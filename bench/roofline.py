@@ -301,7 +301,8 @@ def cpu_busy(interval: float = 0.5) -> Optional[float]:
 
 def measure_machine(device: torch.device) -> Machine:
     """Bandwidth from a copy far larger than the last-level cache (bytes read + written), FLOP/s from a
-    large fp32 matmul (TF32 off: the kernels timed here do plain fp32 FMAs)."""
+    large fp32 matmul (TF32 off: the kernels timed here do plain fp32 FMAs) or, on a CPU, a 3x3 oneDNN
+    convolution where that is faster."""
     threads = torch.get_num_threads()
     details: Dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,

@@ -42,6 +42,10 @@ constexpr const char* kBwd = "fastops::sr_attention_backward";
 constexpr int64_t kSinglePass = 512;  // keys whose score rows a block holds whole
 constexpr int64_t kKeyBlock = 256;    // key block of the online softmax beyond that
 constexpr int64_t kQueryBlock = 60;   // most query rows per block: a multiple of the micro-kernel's 6 rows
+// A key block starts at a packed panel of K^T / V^T (gemm_packed's column offsets are whole panels).
+static_assert(kKeyBlock % (attn::kWideVecs * attn::kLanes<float>) == 0 &&
+                  kKeyBlock % (attn::kWideVecs * attn::kLanes<double>) == 0,
+              "kKeyBlock must be a multiple of the packed panel width");
 
 // The next task's q rows and out rows, prefetched a few rows at a time between pieces of the current task's
 // work: issued all at once they fill the miss buffers and stall the core instead.
@@ -118,17 +122,17 @@ struct HeadKV {
   }
 };
 
-// Scores s (R <= kQueryBlock rows of nkp columns, ld) -> 2^(scale2 * s - m) in place, columns >= nk set to
-// 0; everything in base 2 (scale2 = scale * log2(e), m and lse in log2 units). With lse given, m is that (the
-// rows become the softmax itself); otherwise m = max(m_run, the row's max over its nk columns), stored back
-// to m_run (the running max of an online softmax; -inf before the first block), and the row sums of the
-// exponentials go to sum. Each pass keeps one vector per row and reduces
+// Scores s (R <= kQueryBlock rows of nkp = round_up(nk, attn::kLanes<T>) <= ld columns) -> 2^(scale2 * s - m)
+// in place, columns nk .. nkp set to 0; everything in base 2 (scale2 = scale * log2(e), m and lse in log2
+// units). With lse given, m is that (the rows become the softmax itself); otherwise m = max(m_run, the row's
+// max over its nk columns), stored back to m_run (the running max of an online softmax; -inf before the first
+// block), and the row sums of the exponentials go to sum. Each pass keeps one vector per row and reduces
 // them afterwards, so that the rows' horizontal reductions overlap instead of each stalling its row.
 template <typename T>
 inline void exp_rows(int64_t R, int64_t nk, int64_t ld, T* s, T scale2, const T* lse, T* m_run, T* sum) {
   using S = simd::Vec<T>;
   using V = typename S::V;
-  const int64_t full = nk / S::N * S::N, rem = nk - full;
+  const int64_t full = nk / S::N * S::N, rem = nk - full, nkp = round_up(nk, attn::kLanes<T>);
   V tail_mask;  // added to the last, partial vector: -inf on the lanes past nk
   for (int i = 0; i < S::N; ++i) tail_mask[i] = i < rem ? T(0) : -std::numeric_limits<T>::infinity();
   const V sc = S::splat(scale2);
@@ -166,6 +170,8 @@ inline void exp_rows(int64_t R, int64_t nk, int64_t ld, T* s, T scale2, const T*
       S::store(row + full, e);
       acc += e;
     }
+    // The rest of the padding up to the products' width: whole vectors of zeros.
+    for (int64_t j = round_up(nk, S::N); j < nkp; j += S::N) S::store(row + j, S::splat(T(0)));
     part[r] = acc;
   }
   if (sum)
