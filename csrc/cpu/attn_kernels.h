@@ -32,7 +32,7 @@ inline V bcast_lanes(T a, std::index_sequence<I...>) {
   return V{((void)I, a)...};
 }
 
-template <typename T, int kB = 32>
+template <typename T, int kB>
 inline typename simd::Vec<T, kB>::V bcast(T a) {
   return bcast_lanes<typename simd::Vec<T, kB>::V>(a, std::make_index_sequence<simd::Vec<T, kB>::N>{});
 }
@@ -57,21 +57,20 @@ void parallel_dynamic(int64_t n, int64_t chunk, const Worker& worker) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Small dense products C (+)= op(A) B, B row-major with a column count that is a multiple of the SIMD width.
-// A register tile of R rows x NV vectors costs, per step of the inner dimension, NV loads and R broadcasts
-// for R * NV FMAs. The default 6 x 2 (BLIS's AVX2 shape) keeps its 12 accumulators, 2 operands and a
-// broadcast in AVX2's 16 registers and needs 8 loads per 12 FMAs; 3 x 4 would have to re-load B from L1 on
-// every FMA (15 loads), more than two load ports serve in the FMAs' time.
-constexpr int kRows = 6;
-constexpr int kVecs = 2;
-// gemm, gemm_packed and the packers run on the build's widest vectors: a core with full-width AVX-512 units
-// does half as many FMAs per cycle on 32-byte ones. With AVX-512's 32 registers the tile is 6 x 4 (24
-// accumulators); with AVX2 it stays 6 x 2. Every padded dimension those products read is a multiple of
-// kLanes<T>, and a column offset into packed panels a multiple of kWideVecs * kLanes<T>.
+// Small dense products C (+)= op(A) B on the build's widest vectors (kWB bytes, kLanes<T> elements): a core
+// with full-width AVX-512 units does half as many FMAs per cycle on 32-byte vectors. B is row-major with a
+// column count that is a multiple of kLanes<T>. A register tile of R rows x NV vectors costs, per step of
+// the inner dimension, NV loads and R broadcasts for R * NV FMAs. AVX2 (16 registers): 6 x 2 (BLIS's
+// shape) keeps its 12 accumulators, 2 operands and a broadcast in registers and needs 8 loads per 12 FMAs;
+// 3 x 4 would have to re-load B from L1 on every FMA (15 loads), more than two load ports serve in the FMAs'
+// time. AVX-512 (32 registers): 6 x 4, 24 accumulators, 10 loads per 24 FMAs. Every padded dimension these
+// products read is a multiple of kLanes<T>, and a column offset into packed panels a multiple of
+// kVecs * kLanes<T>.
 constexpr int kWB = simd::kWideBytes;
-constexpr int kWideVecs = kWB == 64 ? 4 : kVecs;
 template <typename T>
 constexpr int64_t kLanes = simd::Vec<T, kWB>::N;
+constexpr int kRows = 6;
+constexpr int kVecs = kWB == 64 ? 4 : 2;
 
 // How a tile reads A: a(r, k) is the element of the tile's row r at inner index k.
 template <typename T>
@@ -98,7 +97,7 @@ struct RowPtrsA {  // rows anywhere in memory (gathered in place), R at most
 
 // C (R x NV vectors, ldc) (+)= A (R x kd) B (kd x NV vectors, ldb). kAccum adds the product to C (a sum over
 // blocks of the inner dimension) instead of overwriting it. Vectors of kB bytes.
-template <typename T, bool kAccum, int R, int NV, int kB = 32, typename Acc>
+template <typename T, bool kAccum, int R, int NV, int kB = kWB, typename Acc>
 inline void micro(int64_t kd, const Acc a, const T* __restrict__ B, int64_t ldb, T* __restrict__ C, int64_t ldc) {
   using S = simd::Vec<T, kB>;
   using V = typename S::V;
@@ -126,7 +125,7 @@ inline void micro(int64_t kd, const Acc a, const T* __restrict__ B, int64_t ldb,
 }
 
 // The tile of rows x nv (at most R x NV) as a compile-time shape.
-template <typename T, bool kAccum, int R, int NV, int kB = 32, typename Acc>
+template <typename T, bool kAccum, int R, int NV, int kB = kWB, typename Acc>
 inline void micro_any(int rows, int nv, int64_t kd, const Acc& a, const T* B, int64_t ldb, T* C, int64_t ldc) {
   if constexpr (R > 1) {
     if (rows < R) return micro_any<T, kAccum, R - 1, NV, kB>(rows, nv, kd, a, B, ldb, C, ldc);
@@ -140,7 +139,7 @@ inline void micro_any(int rows, int nv, int64_t kd, const Acc& a, const T* B, in
 // C (M x nc, ldc) (+)= op(A) (M x kd) B (kd x nc, ldb), op(A)[m][k] = A[m * lda + k], or with kTransA
 // A[k * lda + m]; nc a multiple of the SIMD width. Column tiles outside, so that B's panel (kd x NV vectors)
 // stays in L1 while the row tiles pass.
-template <typename T, bool kTransA, bool kAccum = false, int R = kRows, int NV = kWideVecs, int kB = kWB>
+template <typename T, bool kTransA, bool kAccum = false, int R = kRows, int NV = kVecs, int kB = kWB>
 void gemm(int64_t M, int64_t nc, int64_t kd, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
   constexpr int W = simd::Vec<T, kB>::N;
   using Acc = std::conditional_t<kTransA, TransposedA<T>, RowMajorA<T>>;
@@ -159,7 +158,7 @@ void gemm(int64_t M, int64_t nc, int64_t kd, const T* A, int64_t lda, const T* B
 // width), so that a micro-kernel call streams one sequential block. A row-major B with a power-of-two row
 // stride would instead map a panel's rows onto a few L1 sets and evict itself. Rows koff .. koff + kd are
 // used; columns [0, nc) with nc the packed width less any whole panels before B.
-template <typename T, bool kTransA, bool kAccum = false, int R = kRows, int NV = kWideVecs, int kB = kWB>
+template <typename T, bool kTransA, bool kAccum = false, int R = kRows, int NV = kVecs, int kB = kWB>
 void gemm_packed(int64_t M, int64_t nc, int64_t kd, const T* A, int64_t lda, const T* B, int64_t kstride,
                  int64_t koff, T* C, int64_t ldc) {
   constexpr int W = simd::Vec<T, kB>::N;
@@ -354,7 +353,7 @@ inline void transpose(const S* __restrict__ a, int64_t rows, int64_t cols, int64
 // colsp >= cols columns (a multiple of the SIMD width), zero past cols.
 template <typename S, typename T>
 void pack_rows(const S* src, int64_t ld, int64_t rows, int64_t cols, int64_t colsp, T* dst) {
-  constexpr int64_t tile = kWideVecs * kLanes<T>;
+  constexpr int64_t tile = kVecs * kLanes<T>;
   for (int64_t c0 = 0; c0 < colsp; c0 += tile) {
     const int64_t w = std::min(tile, colsp - c0), n = std::clamp<int64_t>(cols - c0, 0, w);
     T* panel = dst + c0 * rows;
@@ -370,7 +369,7 @@ void pack_rows(const S* src, int64_t ld, int64_t rows, int64_t cols, int64_t col
 // source rows, whole-vector stores), the rest element by element.
 template <typename S, typename T>
 void pack_transposed(const S* src, int64_t ld, int64_t rows, int64_t cols, int64_t colsp, T* dst) {
-  constexpr int64_t tile = kWideVecs * kLanes<T>;
+  constexpr int64_t tile = kVecs * kLanes<T>;
   for (int64_t c0 = 0; c0 < colsp; c0 += tile) {
     const int64_t w = std::min(tile, colsp - c0), n = std::clamp<int64_t>(cols - c0, 0, w);
     T* panel = dst + c0 * rows;

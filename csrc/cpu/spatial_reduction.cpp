@@ -35,8 +35,8 @@ constexpr const char* kFwd = "fastops::spatial_reduction";
 constexpr const char* kBwd = "fastops::spatial_reduction_backward";
 constexpr int64_t kPool = 7;  // AdaptiveAvgPool2d(7) of the linear mode
 
-// The GEMM's tile: attn's, on the build's widest vectors (see attn::kWideVecs).
-constexpr int kWB = attn::kWB, kMR = attn::kRows, kNV = attn::kWideVecs;
+// The GEMM's register tile and vector width: attn's (see attn::kVecs).
+constexpr int kMR = attn::kRows, kNV = attn::kVecs;
 using attn::kLanes;
 
 struct Geom {
@@ -185,9 +185,9 @@ void gemm_rows(int64_t nrows, const T* const* rows, int64_t ky_stride, int64_t n
           const int nv = static_cast<int>(wd / Wd);
           const T* Bp = w.panel(n0) + j0 * wd;
           if (first)
-            attn::micro_any<T, false, kMR, kNV, kWB>(R, nv, kd, a, Bp, wd, acc + g0 * Cp + n0, Cp);
+            attn::micro_any<T, false, kMR, kNV>(R, nv, kd, a, Bp, wd, acc + g0 * Cp + n0, Cp);
           else
-            attn::micro_any<T, true, kMR, kNV, kWB>(R, nv, kd, a, Bp, wd, acc + g0 * Cp + n0, Cp);
+            attn::micro_any<T, true, kMR, kNV>(R, nv, kd, a, Bp, wd, acc + g0 * Cp + n0, Cp);
         }
       }
     }

@@ -43,8 +43,8 @@ constexpr int64_t kSinglePass = 512;  // keys whose score rows a block holds who
 constexpr int64_t kKeyBlock = 256;    // key block of the online softmax beyond that
 constexpr int64_t kQueryBlock = 60;   // most query rows per block: a multiple of the micro-kernel's 6 rows
 // A key block starts at a packed panel of K^T / V^T (gemm_packed's column offsets are whole panels).
-static_assert(kKeyBlock % (attn::kWideVecs * attn::kLanes<float>) == 0 &&
-                  kKeyBlock % (attn::kWideVecs * attn::kLanes<double>) == 0,
+static_assert(kKeyBlock % (attn::kVecs * attn::kLanes<float>) == 0 &&
+                  kKeyBlock % (attn::kVecs * attn::kLanes<double>) == 0,
               "kKeyBlock must be a multiple of the packed panel width");
 
 // The next task's q rows and out rows, prefetched a few rows at a time between pieces of the current task's
