@@ -24,6 +24,7 @@ CASES = [
     (2, 13, 11, 24, 1, True, True),    # linear: overlapping pool bins
     (1, 5, 4, 16, 1, True, False),     # linear with H, W < 7: bins repeat
     (1, 14, 14, 8, 1, True, True),     # linear, a multiple of 7
+    (2, 7, 7, 24, 1, True, True),      # linear on a 7 x 7 map: the pool is the identity
 ]
 NAMES = ("output", "grad_x", "grad_sr_weight", "grad_sr_bias", "grad_norm_weight", "grad_norm_bias")
 
@@ -97,6 +98,30 @@ def _check_all(backend, case, dtype, device, x_view=False):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_cpu_backend(dtype, case):
     _check_all("cpu", case, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_packed_weight_follows_changes(dtype):
+    """A weight that does not require grad is packed once and the packed copy kept between calls: changing it
+    in place, or passing another tensor, must give the new weight's result."""
+    tensors, opts = _case((2, 16, 16, 32, 4, False, True), dtype)
+    x, w, b, nw, nb = (t.to(dtype) for t in tensors)  # a weight in x's dtype is used as it is, not converted
+
+    def check(w):
+        with torch.no_grad(), fastops.use_backend("cpu"):
+            got = fastops.spatial_reduction(x, opts["feat_size"], w, b, nw, nb, opts["sr_ratio"])
+        want = ref_spatial_reduction(x.double(), opts["feat_size"], w.double(), b.double(), nw.double(), nb.double(),
+                                     opts["sr_ratio"])
+        assert_close(got, want, dtype, "output")
+
+    check(w)
+    check(w)  # from the kept copy
+    with torch.no_grad():
+        w.mul_(-2)
+    check(w)
+    w2 = w.flip(0).contiguous()
+    del w
+    check(w2)
 
 
 def test_cpu_backend_non_contiguous_x():

@@ -16,11 +16,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <mutex>
 #include <vector>
 
 #include "bn_act_common.h"
@@ -28,6 +26,7 @@
 #include "conv_bn_checks.h"
 #include "cpu/depthwise_kernels.h"
 #include "cpu/gemm_kernels.h"
+#include "cpu/packed_weights.h"
 
 namespace fastops {
 namespace {
@@ -102,105 +101,52 @@ bool use_onednn(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef paddi
 }
 
 // Weights reordered into oneDNN's blocked layout, or packed into gemm_kernels.h's panels, kept between
-// calls for channels_last inputs. Given a plain weight, oneDNN reorders it on every call: at batch 1 that is
-// most of a ResNet-50 layer 4 3x3 convolution (2.2 ms of it against 1.0 ms prepacked, 2 threads), at batch 8
-// still ~15% (8.2 against 6.8 ms). One entry per weight tensor, held weakly (a dead weight's packed copy is
-// freed by the next call that looks here), valid while that tensor's data pointer and version counter are
-// unchanged and for the key it was packed for (oneDNN: the input size and conv arguments; the GEMM panels:
-// the weight's shape and strides); another key repacks it, so the cache holds at most one packed copy of
-// each weight. Weights that require grad are not cached (they change every training step), nor are
-// inference tensors (they have no version counter). Mostly these are the eval-mode
-// folded weights that fastops.nn's conv modules keep: the same prepacking torch.compile's freezing does.
-// A weight changed through `.data` (which has a version counter of its own) is not seen.
-class PackedWeights {
- public:
-  static PackedWeights& get() {
-    static PackedWeights* cache = new PackedWeights();  // never destroyed: no tensor freed after torch at exit
-    return *cache;
-  }
+// calls for channels_last inputs (see cpu/packed_weights.h for when a copy is kept and for how long). Given a
+// plain weight, oneDNN reorders it on every call: at batch 1 that is most of a ResNet-50 layer 4 3x3
+// convolution (2.2 ms of it against 1.0 ms prepacked, 2 threads), at batch 8 still ~15% (8.2 against 6.8 ms).
+// The key is what the weight was packed for: oneDNN, the input size and conv arguments; the GEMM panels,
+// the weight's shape and strides. Mostly the weights kept are the eval-mode folded weights that fastops.nn's
+// conv modules keep: the same prepacking torch.compile's freezing does.
 
-  // The oneDNN-reordered form of w for this call, or w itself when it is not to be cached.
-  at::Tensor lookup(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef stride, c10::IntArrayRef padding,
-                    c10::IntArrayRef dilation, int64_t groups) {
-    // NCHW input with a packed weight comes back channels_last and would need a transpose: slower than
-    // the per-call reorder it saves (ResNet-50 1x1 convolutions at batch 8: up to 2x).
-    if (!is_channels_last(x) || w.requires_grad() || w.is_inference()) return w;
-    static const auto reorder = c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_convolution_weight", ""});
-    if (!reorder) return w;
-    std::vector<int64_t> key(x.sizes().begin(), x.sizes().end());
-    for (c10::IntArrayRef a : {stride, padding, dilation}) key.insert(key.end(), a.begin(), a.end());
-    key.push_back(groups);
-    return find_or_make(w, std::move(key), [&] {
-      return reorder->typed<at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                                       at::OptionalIntArrayRef)>()
-          .call(w.contiguous(), padding, stride, dilation, groups, x.sizes());
-    });
-  }
+// The oneDNN-reordered form of w for this call, or w itself when it is not to be cached.
+at::Tensor onednn_weight(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                         c10::IntArrayRef dilation, int64_t groups) {
+  // NCHW input with a packed weight comes back channels_last and would need a transpose: slower than
+  // the per-call reorder it saves (ResNet-50 1x1 convolutions at batch 8: up to 2x).
+  if (!is_channels_last(x) || !PackedWeights::cacheable(w)) return w;
+  static const auto reorder = c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_convolution_weight", ""});
+  if (!reorder) return w;
+  std::vector<int64_t> key{kConvOneDnnKey};
+  key.insert(key.end(), x.sizes().begin(), x.sizes().end());
+  for (c10::IntArrayRef a : {stride, padding, dilation}) key.insert(key.end(), a.begin(), a.end());
+  key.push_back(groups);
+  return PackedWeights::get().find_or_make(w, std::move(key), [&] {
+    return reorder->typed<at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                                     at::OptionalIntArrayRef)>()
+        .call(w.contiguous(), padding, stride, dilation, groups, x.sizes());
+  });
+}
 
-  // A 1x1 weight (N, K, 1, 1) packed into gemm::pack's panels; packed anew on every call where w is not to
-  // be cached.
-  at::Tensor gemm_panels(const at::Tensor& w) {
-    auto make = [&] {
-      const at::Tensor wc = w.contiguous();
-      at::Tensor out = at::empty({gemm::packed_numel(w.size(0), w.size(1))}, w.options());
-      gemm::pack(wc.data_ptr<float>(), w.size(0), w.size(1), out.data_ptr<float>());
-      return out;
-    };
-    if (w.requires_grad() || w.is_inference()) return make();
-    // No input size in the key (the panels do not depend on it), but the weight's geometry: a `.data`
-    // swap can change it under the same data pointer and version.
-    return find_or_make(w, {-1, w.size(0), w.size(1), w.stride(0), w.stride(1)}, make);
-  }
-
- private:
-  template <typename Make>
-  at::Tensor find_or_make(const at::Tensor& w, std::vector<int64_t> key, Make make) {
-    const c10::TensorImpl* impl = w.unsafeGetTensorImpl();
-    const auto version = impl->version_counter().current_version();
-    std::lock_guard<std::mutex> lock(mu_);
-    ++clock_;
-    // The packed copies of weights that died (a model deleted) go at the next call, hit or miss.
-    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [](const Entry& e) { return e.weight.expired(); }),
-                   entries_.end());
-    for (Entry& e : entries_)
-      if (e.impl == impl && e.key == key && e.data == w.data_ptr() && e.version == version) {
-        e.used = clock_;
-        return e.packed;
-      }
-    c10::InferenceMode normal_tensors(false);  // the entry outlives an inference_mode block it may be made in
-    at::Tensor packed = make();
-    // Drop this weight's stale entry, then the least recently used while full.
-    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [&](const Entry& e) { return e.impl == impl; }),
-                   entries_.end());
-    if (entries_.size() >= kMaxEntries)
-      entries_.erase(std::min_element(entries_.begin(), entries_.end(),
-                                      [](const Entry& a, const Entry& b) { return a.used < b.used; }));
-    entries_.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), impl, std::move(key),
-                        w.data_ptr(), version, packed, clock_});
-    return packed;
-  }
-
-  // A ResNet-152's convolutions at two input sizes fit.
-  static constexpr size_t kMaxEntries = 512;
-  struct Entry {
-    c10::weak_intrusive_ptr<c10::TensorImpl> weight;
-    const c10::TensorImpl* impl;
-    std::vector<int64_t> key;
-    const void* data;
-    uint32_t version;
-    at::Tensor packed;
-    uint64_t used;
+// A 1x1 weight (N, K, 1, 1) packed into gemm::pack's panels; packed anew on every call where w is not to be
+// cached.
+at::Tensor gemm_panels(const at::Tensor& w) {
+  auto make = [&] {
+    const at::Tensor wc = w.contiguous();
+    at::Tensor out = at::empty({gemm::packed_numel(w.size(0), w.size(1))}, w.options());
+    gemm::pack(wc.data_ptr<float>(), w.size(0), w.size(1), out.data_ptr<float>());
+    return out;
   };
-  std::mutex mu_;
-  std::vector<Entry> entries_;
-  uint64_t clock_ = 0;
-};
+  if (!PackedWeights::cacheable(w)) return make();
+  // No input size in the key (the panels do not depend on it), but the weight's geometry: a `.data` swap
+  // can change it under the same data pointer and version.
+  return PackedWeights::get().find_or_make(w, {kConvGemmKey, w.size(0), w.size(1), w.stride(0), w.stride(1)}, make);
+}
 
 at::Tensor onednn_conv_act(const at::Tensor& x, const at::Tensor& w_plain, const at::Tensor* bias,
                            const at::Tensor* res, Act act, c10::IntArrayRef stride, c10::IntArrayRef padding,
                            c10::IntArrayRef dilation, int64_t groups) {
   const std::vector<int64_t> pad = {padding[0], padding[1]};
-  const at::Tensor w = PackedWeights::get().lookup(x, w_plain, stride, pad, dilation, groups);
+  const at::Tensor w = onednn_weight(x, w_plain, stride, pad, dilation, groups);
   std::string uname;
   c10::List<c10::optional<at::Scalar>> scalars;
   c10::optional<c10::string_view> algo;
@@ -261,7 +207,7 @@ at::Tensor gemm_conv_act(const at::Tensor& x, const at::Tensor& w, const at::Ten
                    act);
     return y;
   }
-  const at::Tensor panels = PackedWeights::get().gemm_panels(w);
+  const at::Tensor panels = gemm_panels(w);
   gemm::run({x.data_ptr<float>(), a.g.C, panels.data_ptr<float>(), b.data(), false, rp, yp, a.Cout, a.g.N * P, a.g.C,
              a.Cout, stream, true},
             act);

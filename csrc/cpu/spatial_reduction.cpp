@@ -4,7 +4,9 @@
 // The conv is a GEMM y = A W with one row of A per output token r = (b, ry, rx). For a kernel row ky the
 // k taps of that row are k adjacent tokens, i.e. one contiguous run of k*C values of x: a row of A is k such
 // runs, read in place through row pointers (fp32 / fp64; half and bf16 are converted into a per-thread
-// buffer first). The weight is packed once per call to (ky, kx, ci) x C_out. Each thread owns whole output
+// buffer first). The weight is packed to (ky, kx, ci) x C_out: once per call, or once for as long as it is
+// unchanged where it does not require grad (cpu/packed_weights.h; at batch 8 packing a 1 MB weight was
+// ~15% of the forward). Each thread owns whole output
 // rows, so the LayerNorm epilogue sees a finished row in cache. Arithmetic in at::opmath_type (fp32; fp64
 // for double).
 #include <ATen/Dispatch.h>
@@ -15,12 +17,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "common.h"
 #include "cpu/attn_kernels.h"
+#include "cpu/packed_weights.h"
 #include "cpu/simd.h"
 
 namespace fastops {
@@ -110,18 +112,14 @@ std::vector<T> to_acc(const at::Tensor& t, int64_t n, int64_t padded) {
 template <typename T>
 struct PackedW {
   int64_t K = 0, Cp = 0, tile = 0;
-  std::unique_ptr<T[]> data;
+  at::Tensor buf;  // K * Cp values of T
+  const T* data = nullptr;
   int64_t width(int64_t n0) const { return std::min(tile, Cp - n0); }
-  const T* panel(int64_t n0) const { return data.get() + n0 * K; }  // tiles before n0 are all full width
+  const T* panel(int64_t n0) const { return data + n0 * K; }  // tiles before n0 are all full width
 };
 
 template <typename scalar_t, typename T>
-PackedW<T> pack_weight(const Geom& g, const scalar_t* w) {
-  PackedW<T> p;
-  p.K = g.K;
-  p.Cp = round_up(g.C, kLanes<T>);
-  p.tile = kNV * kLanes<T>;
-  p.data.reset(new T[p.K * p.Cp]);
+void pack_weight(const Geom& g, const scalar_t* w, const PackedW<T>& p, T* out) {
   const int64_t C = g.C, K = g.K, kk = g.k * g.k;
   constexpr int64_t kB = simd::Vec<T>::N;  // output channels per block: one vector (an 8 x 8 transpose in fp32)
   // Weight rows are K apart (a power of two in PVT, e.g. 16 KB): reading one value from each of 16 rows at a
@@ -134,7 +132,7 @@ PackedW<T> pack_weight(const Geom& g, const scalar_t* w) {
       const int64_t jj = jb * kB, nj = std::min(kB, K - jj);
       for (int64_t co0 = 0; co0 < p.Cp; co0 += kB) {
         const int64_t nco = std::min(kB, C - co0), n0 = co0 / p.tile * p.tile, wd = p.width(n0);
-        T* dst = p.data.get() + n0 * K + (co0 - n0);
+        T* dst = out + n0 * K + (co0 - n0);
         if constexpr (std::is_same_v<T, float> && kB == 8) {
           if (nco == kB && nj == kB) {
             using S = simd::Vec<float>;
@@ -157,6 +155,25 @@ PackedW<T> pack_weight(const Geom& g, const scalar_t* w) {
       }
     }
   });
+}
+
+template <typename scalar_t, typename T>
+PackedW<T> packed_weight(const Geom& g, const at::Tensor& weight) {
+  PackedW<T> p;
+  p.K = g.K;
+  p.Cp = round_up(g.C, kLanes<T>);
+  p.tile = kNV * kLanes<T>;
+  auto make = [&] {
+    at::Tensor t = at::empty({p.K * p.Cp}, weight.options().dtype(c10::CppTypeToScalarType<T>::value));
+    pack_weight<scalar_t, T>(g, weight.template data_ptr<scalar_t>(), p, t.template data_ptr<T>());
+    return t;
+  };
+  // The weight is checked contiguous with shape (C, C, k, k); its dtype joins the key against a `.data` swap.
+  p.buf = PackedWeights::cacheable(weight)
+              ? PackedWeights::get().find_or_make(
+                    weight, {kSpatialReductionKey, g.C, g.k, static_cast<int64_t>(weight.scalar_type())}, make)
+              : make();
+  p.data = p.buf.template data_ptr<T>();
   return p;
 }
 
@@ -296,23 +313,25 @@ void forward_kernel(const Geom& g, const at::Tensor& x, const at::Tensor& weight
   constexpr bool kInPlace = std::is_same_v<T, scalar_t>;
   const int64_t C = g.C, Cp = round_up(C, kLanes<T>), K = g.K, kC = g.k * C, M = g.B * g.Nr;
   const scalar_t* px = x.data_ptr<scalar_t>();
-  const PackedW<T> Wp = pack_weight<scalar_t, T>(g, weight.data_ptr<scalar_t>());
+  const PackedW<T> Wp = packed_weight<scalar_t, T>(g, weight);
   const bool has_bias = bias.has_value() && bias->defined();
   const std::vector<T> bv = has_bias ? to_acc<T>(*bias, C, Cp) : std::vector<T>(Cp, T(0));
   const std::vector<T> nw = to_acc<T>(norm_weight, C, Cp), nb = to_acc<T>(norm_bias, C, Cp);
   const T eps = static_cast<T>(eps_d);
-  std::vector<T> pooled(g.linear ? M * C : 0);
-  if (g.linear) pool_all<scalar_t, T>(g, px, pooled.data());
+  // A 7 x 7 map (PVTv2-li's last stage at 224 x 224) pools to itself: its tokens are the GEMM's rows.
+  const bool pool_copy = g.linear && !(kInPlace && g.H == kPool && g.W == kPool);
+  std::vector<T> pooled(pool_copy ? M * C : 0);
+  if (pool_copy) pool_all<scalar_t, T>(g, px, pooled.data());
   scalar_t* po = out.data_ptr<scalar_t>();
   T* py = y.data_ptr<T>();
   T* ps = stats.data_ptr<T>();
   // Row blocks: as many rows as keep their accumulators within ~64 KB (each block streams the whole packed
-  // weight through L2 once per call, so bigger blocks read it less often), but at least ~4 blocks per
-  // thread for balance; a multiple of the micro-kernel's rows. Inner chunks: equal parts of a run, at most
+  // weight through L2 once per call, so bigger blocks read it less often), but at least ~2 blocks per
+  // thread for balance (4 read the weight twice as often: 5% slower at PVTv2-b2 stages 1-2); a multiple of the micro-kernel's rows. Inner chunks: equal parts of a run, at most
   // 512 and with the packed weight's chunk within ~256 KB.
   const int64_t nthreads = at::get_num_threads();
   const int64_t MB = round_up(std::clamp<int64_t>(std::min<int64_t>(65536 / static_cast<int64_t>(Cp * sizeof(T)),
-                                                                    (M + 4 * nthreads - 1) / (4 * nthreads)),
+                                                                    (M + 2 * nthreads - 1) / (2 * nthreads)),
                                                   attn::kRows, 512),
                               attn::kRows);
   const int64_t kc_max = std::clamp<int64_t>(262144 / static_cast<int64_t>(Cp * sizeof(T)), 32, 512);
@@ -324,9 +343,9 @@ void forward_kernel(const Geom& g, const at::Tensor& x, const at::Tensor& weight
     while (grab(t0, t1)) {
       const int64_t r0 = t0 * MB, nr = std::min(MB, M - r0);
       int64_t ky_stride = 0;
-      if (g.linear) {
+      if (pool_copy) {
         for (int64_t i = 0; i < nr; ++i) rows[i] = &pooled[(r0 + i) * C];
-      } else if constexpr (kInPlace) {
+      } else if constexpr (kInPlace) {  // also the 7 x 7 linear mode: k = 1, and row r starts at token r
         for (int64_t i = 0; i < nr; ++i) rows[i] = px + row_origin(g, r0 + i);
         ky_stride = g.W * C;
       } else {
