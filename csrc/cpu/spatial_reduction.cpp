@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -326,9 +327,10 @@ void forward_kernel(const Geom& g, const at::Tensor& x, const at::Tensor& weight
   T* py = y.data_ptr<T>();
   T* ps = stats.data_ptr<T>();
   // Row blocks: as many rows as keep their accumulators within ~64 KB (each block streams the whole packed
-  // weight through L2 once per call, so bigger blocks read it less often), but at least ~2 blocks per
-  // thread for balance (4 read the weight twice as often: 5% slower at PVTv2-b2 stages 1-2); a multiple of the micro-kernel's rows. Inner chunks: equal parts of a run, at most
-  // 512 and with the packed weight's chunk within ~256 KB.
+  // weight through L2 once per call, so bigger blocks read it less often), but at least ~2 blocks per thread
+  // for balance (4 read the weight twice as often: ~5% slower at PVTv2-b2 stages 1-2); a multiple of the
+  // micro-kernel's rows. Inner chunks: equal parts of a run, at most 512 and with the packed weight's chunk
+  // within ~256 KB.
   const int64_t nthreads = at::get_num_threads();
   const int64_t MB = round_up(std::clamp<int64_t>(std::min<int64_t>(65536 / static_cast<int64_t>(Cp * sizeof(T)),
                                                                     (M + 2 * nthreads - 1) / (2 * nthreads)),
@@ -386,12 +388,157 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_reduction_cpu(
 // Backward. Per row: dz = grad_out (times GELU'(z), z recomputed from y, stats and the norm parameters, in
 // linear mode); dy = rstd (g - mean(g) - xhat mean(g xhat)) with g = dz * norm_weight. The parameter sums over
 // rows go to partial sums of a fixed set of row chunks, added in chunk order (repeatable for any thread
-// count). The two dense products run in ATen (BLAS): grad_weight = dy^T A and dA = dy W, A the patch matrix
-// (or the pooled tokens); dA goes back to the pixels it was read from (each pixel is read by at most one
-// patch, since stride = kernel), or through the pooling bins.
+// count). Then the two dense products grad_weight = dy^T A and dA = dy W, A the patch matrix (M x K, or the
+// pooled tokens), one column panel of A at a time (see panel_products); dA goes back to the pixels it was
+// read from (each pixel is read by at most one patch, since stride = kernel), or through the pooling bins.
+
+// One row of the LayerNorm (+ GELU) backward on whole vectors: g (in) is grad_out's row and xh (in) y's, both
+// zero past C up to their padded length Cp; dy (out, Cp values) gets the row of dy, and the parameter sums
+// pw (dz xhat), pb (dz), pyb (dy) are added to. The padding lanes have dz = 0 and add nothing.
 template <typename T>
-inline T gelu_grad(T z) {
-  return T(0.5) * std::erfc(-z * T(M_SQRT1_2)) + z * std::exp(T(-0.5) * z * z) * T(0.39894228040143267794);
+inline void norm_row_backward(int64_t C, int64_t Cp, T mean, T rstd, const T* nw, const T* nb, bool gelu,
+                              T* __restrict__ g, T* __restrict__ xh, T* __restrict__ dy, T* __restrict__ pw,
+                              T* __restrict__ pb, T* __restrict__ pyb) {
+  using S = simd::Vec<T>;
+  using V = typename S::V;
+  const V mv = S::splat(mean), rv = S::splat(rstd);
+  V sg = S::splat(T(0)), sgx = S::splat(T(0));
+  for (int64_t c = 0; c < Cp; c += S::N) {
+    const V xhat = (S::load(xh + c) - mv) * rv;
+    V dz = S::load(g + c);
+    if (gelu) dz *= simd::VGeluGrad<T>::run(xhat * S::load(nw + c) + S::load(nb + c));
+    S::store(pw + c, S::load(pw + c) + dz * xhat);
+    S::store(pb + c, S::load(pb + c) + dz);
+    const V gc = dz * S::load(nw + c);
+    S::store(g + c, gc);
+    S::store(xh + c, xhat);
+    sg += gc;
+    sgx += gc * xhat;
+  }
+  const V mg = S::splat(attn::hsum<T>(sg) / static_cast<T>(C)), mgx = S::splat(attn::hsum<T>(sgx) / static_cast<T>(C));
+  for (int64_t c = 0; c < Cp; c += S::N) {
+    const V d = rv * (S::load(g + c) - mg - S::load(xh + c) * mgx);
+    S::store(dy + c, d);
+    S::store(pyb + c, S::load(pyb + c) + d);
+  }
+}
+
+// Runs f(j, len, a_off) over the pieces of A's columns [j0, j0 + n) that are contiguous in x: column
+// j = ky * kC + o of patch row r is x[row_origin(r) + ky * W * C + o], and a piece ends where ky changes.
+template <typename F>
+inline void patch_pieces(const Geom& g, int64_t j0, int64_t n, F f) {
+  const int64_t kC = g.k * g.C;
+  for (int64_t j = j0; j < j0 + n;) {
+    const int64_t ky = j / kC, o = j % kC, len = std::min(j0 + n - j, kC - o);
+    f(j - j0, len, ky * g.W * g.C + o);
+    j += len;
+  }
+}
+
+// out (rows x w, ldc) = A (rows x kd) B (kd x w), or += with `accumulate`; kd >= 1, B a panel (row stride w).
+// make_a(r0, k0) is the accessor of A from row r0 and inner index k0. The inner dimension goes in chunks whose
+// rows of B (at most 32 KB) stay in L1 while every row tile passes.
+template <typename T, typename MakeA>
+void panel_gemm(int64_t rows, int64_t kd, int64_t w, bool accumulate, MakeA make_a, const T* B, T* out, int64_t ldc) {
+  const int nv = static_cast<int>(w / kLanes<T>);
+  const int64_t kc_max = std::max<int64_t>(16, 32768 / static_cast<int64_t>(w * sizeof(T)));
+  const int64_t nchunk = (kd + kc_max - 1) / kc_max, kc = (kd + nchunk - 1) / nchunk;
+  for (int64_t k0 = 0; k0 < kd; k0 += kc) {
+    const int64_t kn = std::min(kc, kd - k0);
+    for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+      const int R = static_cast<int>(std::min<int64_t>(kMR, rows - r0));
+      if (k0 == 0 && !accumulate)
+        attn::micro_any<T, false, kMR, kNV>(R, nv, kn, make_a(r0, k0), B, w, out + r0 * ldc, ldc);
+      else
+        attn::micro_any<T, true, kMR, kNV>(R, nv, kn, make_a(r0, k0), B + k0 * w, w, out + r0 * ldc, ldc);
+    }
+  }
+}
+
+// The backward's two products, panel by panel: for a panel of A's columns [j0, j0 + w) (the micro-kernel's
+// width) and a block of rows, the panel P of A (rows x w) is gathered into a per-thread buffer, then
+// grad_weight[:, panel] (+)= dy^T P and dA[:, panel] = dy Q with Q = W's columns [j0, j0 + w) (C x w); dA
+// goes straight to grad x (or to the pooled tokens' gradient dpooled). dy (M x C) is the operand both products
+// broadcast from and stays in L2; x is read once and grad x written once. Few panels (small C k^2) are split
+// into row blocks too, so that every thread has work; their grad_weight parts are added in block order.
+// Writes grad_weight to pgw.
+template <typename scalar_t, typename T>
+void panel_products(const Geom& g, const scalar_t* px, const T* pooled, const scalar_t* pw, const T* pdy,
+                    scalar_t* pgx, T* dpooled, scalar_t* pgw) {
+  constexpr int Wd = kLanes<T>;
+  const int64_t C = g.C, K = g.K, M = g.B * g.Nr, kk = g.k * g.k, tile = kNV * Wd;
+  const int64_t Kp = round_up(K, Wd), npanel = (Kp + tile - 1) / tile;
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nmb = std::clamp<int64_t>((2 * nthreads + npanel - 1) / npanel, 1, std::max<int64_t>(1, M / 48));
+  constexpr int64_t kRowBlock = 256;  // rows of P and D at a time: with Q and G they stay in L2
+  std::unique_ptr<T[]> part(new T[nmb * C * Kp]);  // every value is written by one task
+  std::vector<int64_t> origin(g.linear ? 0 : M);
+  for (int64_t r = 0; r < static_cast<int64_t>(origin.size()); ++r) origin[r] = row_origin(g, r);
+  // W as (C_out x K): column j = tap * C + ci is weight[co, ci, ky, kx] with tap = ky * k + kx. Gathered per
+  // panel from the weight itself, each value would cost a cache line of its own (they are k^2 apart).
+  std::vector<T> wm(C * K);
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t co = c0; co < c1; ++co)
+      for (int64_t ci = 0; ci < C; ++ci)
+        for (int64_t tap = 0; tap < kk; ++tap) wm[co * K + tap * C + ci] = static_cast<T>(pw[(co * C + ci) * kk + tap]);
+  });
+  attn::parallel_dynamic(npanel * nmb, 1, [&](auto&& grab) {
+    std::vector<T> P(kRowBlock * tile), D(kRowBlock * tile), Q(C * tile), G(C * tile);
+    int64_t t0, t1;
+    while (grab(t0, t1)) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t pn = t / nmb, mb = t % nmb, j0 = pn * tile, w = std::min(tile, Kp - j0);
+        const int64_t n = std::min(w, K - j0), m0 = M * mb / nmb, m1 = M * (mb + 1) / nmb;
+        for (int64_t co = 0; co < C; ++co) {
+          std::copy(&wm[co * K + j0], &wm[co * K + j0] + n, &Q[co * w]);
+          std::fill(&Q[co * w] + n, &Q[(co + 1) * w], T(0));
+        }
+        if (m0 == m1) std::fill(G.begin(), G.end(), T(0));
+        for (int64_t rb = m0; rb < m1; rb += kRowBlock) {
+          const int64_t rows = std::min(kRowBlock, m1 - rb);
+          for (int64_t r = 0; r < rows; ++r) {
+            T* dst = &P[r * w];
+            if (g.linear)
+              std::copy(pooled + (rb + r) * C + j0, pooled + (rb + r) * C + j0 + n, dst);
+            else
+              patch_pieces(g, j0, n, [&](int64_t at, int64_t len, int64_t off) {
+                load_row(px + origin[rb + r] + off, dst + at, len, T(1));
+              });
+            std::fill(dst + n, dst + w, T(0));
+          }
+          const T* dyb = pdy + rb * C;  // this block's rows of dy
+          panel_gemm<T>(C, rows, w, rb > m0,
+                        [&](int64_t c0, int64_t k0) { return attn::TransposedA<T>{dyb + k0 * C + c0, C}; }, P.data(),
+                        G.data(), w);
+          panel_gemm<T>(rows, C, w, false,
+                        [&](int64_t r0, int64_t k0) { return attn::RowMajorA<T>{dyb + r0 * C + k0, C}; }, Q.data(),
+                        D.data(), w);
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* src = &D[r * w];
+            if (g.linear)
+              std::copy(src, src + n, dpooled + (rb + r) * C + j0);
+            else
+              patch_pieces(g, j0, n, [&](int64_t at, int64_t len, int64_t off) {
+                store_row(src + at, pgx + origin[rb + r] + off, len, T(1));
+              });
+          }
+        }
+        // Into the (C x Kp) partial sum only now: accumulating there (rows Kp apart, often a power of two)
+        // would map the tile's rows onto a few cache sets.
+        for (int64_t co = 0; co < C; ++co) std::copy(&G[co * w], &G[(co + 1) * w], &part[(mb * C + co) * Kp + j0]);
+      }
+    }
+  });
+  // grad_weight[co, ci, ky, kx]: the block parts' column tap * C + ci, added in block order.
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> row(K);
+    for (int64_t co = c0; co < c1; ++co) {
+      std::copy(&part[co * Kp], &part[co * Kp] + K, row.data());
+      for (int64_t mb = 1; mb < nmb; ++mb) attn::add_row(&part[(mb * C + co) * Kp], row.data(), K);
+      for (int64_t ci = 0; ci < C; ++ci)
+        for (int64_t tap = 0; tap < kk; ++tap) pgw[(co * C + ci) * kk + tap] = static_cast<scalar_t>(row[tap * C + ci]);
+    }
+  });
 }
 
 template <typename scalar_t>
@@ -400,9 +547,9 @@ void backward_kernel(const Geom& g, const at::Tensor& go, const at::Tensor& x, c
                      const at::Tensor& stats, bool bias_grad, at::Tensor& gx, at::Tensor& gw, at::Tensor& gb,
                      at::Tensor& gnw, at::Tensor& gnb) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t C = g.C, K = g.K, kC = g.k * C, M = g.B * g.Nr;
-  const auto acc_t = y.scalar_type();
-  const std::vector<T> nw = to_acc<T>(norm_weight, C, C), nb = to_acc<T>(norm_bias, C, C);
+  const int64_t C = g.C, M = g.B * g.Nr;
+  const int64_t Cp = round_up(C, simd::Vec<T>::N);
+  const std::vector<T> nw = to_acc<T>(norm_weight, C, Cp), nb = to_acc<T>(norm_bias, C, Cp);
   const scalar_t* pgo = go.data_ptr<scalar_t>();
   const scalar_t* px = x.data_ptr<scalar_t>();
   const T* py = y.data_ptr<T>();
@@ -410,67 +557,36 @@ void backward_kernel(const Geom& g, const at::Tensor& go, const at::Tensor& x, c
   at::Tensor dy = at::empty({M, C}, y.options());
   T* pdy = dy.data_ptr<T>();
   const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(M, 64));
-  std::vector<T> part(nch * 3 * C, T(0));  // per chunk: sum dz xhat | sum dz | sum dy
+  std::vector<T> part(nch * 3 * Cp, T(0));  // per chunk: sum dz xhat | sum dz | sum dy
 
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<T> gbuf(C), xh(C);
+    std::vector<T> gbuf(Cp, T(0)), xh(Cp, T(0)), dbuf(Cp);
     for (int64_t ch = c0; ch < c1; ++ch) {
-      T* pw = &part[ch * 3 * C];
-      T* pb = pw + C;
-      T* pyb = pb + C;
+      T* pw = &part[ch * 3 * Cp];
       for (int64_t r = M * ch / nch; r < M * (ch + 1) / nch; ++r) {
-        const T mean = pst[2 * r], rstd = pst[2 * r + 1];
-        const T* yr = py + r * C;
-        const scalar_t* gr = pgo + r * C;
-        T sg = 0, sgx = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          const T xhat = (yr[c] - mean) * rstd;
-          T dz = static_cast<T>(gr[c]);
-          if (g.linear) dz *= gelu_grad<T>(xhat * nw[c] + nb[c]);
-          pw[c] += dz * xhat;
-          pb[c] += dz;
-          const T gc = dz * nw[c];
-          gbuf[c] = gc;
-          xh[c] = xhat;
-          sg += gc;
-          sgx += gc * xhat;
-        }
-        const T mg = sg / static_cast<T>(C), mgx = sgx / static_cast<T>(C);
-        T* dr = pdy + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          dr[c] = rstd * (gbuf[c] - mg - xh[c] * mgx);
-          pyb[c] += dr[c];
-        }
+        load_row(pgo + r * C, gbuf.data(), C, T(1));
+        std::copy(py + r * C, py + (r + 1) * C, xh.data());
+        std::fill(gbuf.begin() + C, gbuf.end(), T(0));
+        std::fill(xh.begin() + C, xh.end(), T(0));
+        norm_row_backward<T>(C, Cp, pst[2 * r], pst[2 * r + 1], nw.data(), nb.data(), g.linear, gbuf.data(),
+                             xh.data(), dbuf.data(), pw, pw + Cp, pw + 2 * Cp);
+        std::copy(dbuf.data(), dbuf.data() + C, pdy + r * C);
       }
     }
   });
   {
-    std::vector<T> tot(3 * C, T(0));
-    for (int64_t ch = 0; ch < nch; ++ch) attn::add_row(&part[ch * 3 * C], tot.data(), 3 * C);
+    std::vector<T> tot(3 * Cp, T(0));
+    for (int64_t ch = 0; ch < nch; ++ch) attn::add_row(&part[ch * 3 * Cp], tot.data(), 3 * Cp);
     store_row(tot.data(), gnw.data_ptr<scalar_t>(), C, T(1));
-    store_row(tot.data() + C, gnb.data_ptr<scalar_t>(), C, T(1));
-    if (bias_grad) store_row(tot.data() + 2 * C, gb.data_ptr<scalar_t>(), C, T(1));
+    store_row(tot.data() + Cp, gnb.data_ptr<scalar_t>(), C, T(1));
+    if (bias_grad) store_row(tot.data() + 2 * Cp, gb.data_ptr<scalar_t>(), C, T(1));
   }
 
-  // The patch matrix A (M x K), fp32 / fp64.
-  at::Tensor A = at::empty({M, K}, y.options());
-  T* pa = A.data_ptr<T>();
-  if (g.linear) {
-    pool_all<scalar_t, T>(g, px, pa);
-  } else {
-    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* src = px + row_origin(g, r);
-        for (int64_t ky = 0; ky < g.k; ++ky) load_row(src + ky * g.W * C, pa + r * K + ky * kC, kC, T(1));
-      }
-    });
-  }
-  // W as (C_out, (ky, kx, ci)), A's column order.
-  const at::Tensor Wm = weight.to(acc_t).permute({0, 2, 3, 1}).reshape({C, K});
-  gw.copy_(at::mm(dy.t(), A).view({C, g.k, g.k, C}).permute({0, 3, 1, 2}));
-  const at::Tensor dA = at::mm(dy, Wm);
-  const T* pda = dA.data_ptr<T>();
   scalar_t* pgx = gx.data_ptr<scalar_t>();
+  std::vector<T> pooled(g.linear ? M * C : 0), dpooled(g.linear ? M * C : 0);
+  if (g.linear) pool_all<scalar_t, T>(g, px, pooled.data());
+  panel_products<scalar_t, T>(g, px, pooled.data(), weight.data_ptr<scalar_t>(), pdy, pgx, dpooled.data(),
+                              gw.data_ptr<scalar_t>());
   if (g.linear) {
     at::parallel_for(0, g.B * g.H, 1, [&](int64_t t0, int64_t t1) {
       std::vector<T> rowacc(g.W * C);
@@ -483,7 +599,7 @@ void backward_kernel(const Geom& g, const at::Tensor& go, const at::Tensor& x, c
           for (int64_t j = 0; j < kPool; ++j) {
             const int64_t w0 = bin_start(j, g.W), w1 = bin_end(j, g.W);
             const T inv_area = T(1) / static_cast<T>((h1 - h0) * (w1 - w0));
-            const T* src = pda + (b * g.Nr + i * kPool + j) * C;
+            const T* src = &dpooled[(b * g.Nr + i * kPool + j) * C];
             for (int64_t wx = w0; wx < w1; ++wx) {
               T* dst = &rowacc[wx * C];
               for (int64_t c = 0; c < C; ++c) dst[c] += src[c] * inv_area;
@@ -491,13 +607,6 @@ void backward_kernel(const Geom& g, const at::Tensor& go, const at::Tensor& x, c
           }
         }
         store_row(rowacc.data(), pgx + (b * g.N + hy * g.W) * C, g.W * C, T(1));
-      }
-    });
-  } else {
-    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        scalar_t* dst = pgx + row_origin(g, r);
-        for (int64_t ky = 0; ky < g.k; ++ky) store_row(pda + r * K + ky * kC, dst + ky * g.W * C, kC, T(1));
       }
     });
   }
