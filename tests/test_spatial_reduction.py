@@ -119,8 +119,10 @@ def test_cpu_packed_weight_follows_changes(dtype):
     with torch.no_grad():
         w.mul_(-2)
     check(w)
-    w2 = w.flip(0).contiguous()
-    del w
+    # A new weight, possibly where the old one was: the old tensor is gone first.
+    w_new = w.flip(0).clone()
+    del w, tensors
+    w2 = torch.empty_like(w_new).copy_(w_new)
     check(w2)
 
 

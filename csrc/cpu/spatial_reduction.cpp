@@ -6,9 +6,8 @@
 // runs, read in place through row pointers (fp32 / fp64; half and bf16 are converted into a per-thread
 // buffer first). The weight is packed to (ky, kx, ci) x C_out: once per call, or once for as long as it is
 // unchanged where it does not require grad (cpu/packed_weights.h; at batch 8 packing a 1 MB weight was
-// ~15% of the forward). Each thread owns whole output
-// rows, so the LayerNorm epilogue sees a finished row in cache. Arithmetic in at::opmath_type (fp32; fp64
-// for double).
+// ~15% of the forward). Each thread owns whole output rows, so the LayerNorm epilogue sees a finished row in
+// cache. Arithmetic in at::opmath_type (fp32; fp64 for double).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -272,31 +271,35 @@ inline void bin_sum(const scalar_t* xb, int64_t W, int64_t C, int64_t h0, int64_
   for (int v = 0; v < NV; ++v) S::store(dst + c0 + v * S::N, acc[v] * S::splat(inv_area));
 }
 
-// Adaptive average pool of one image's tokens into a 7 x 7 grid: pooled (49 x C) for row bin i (fp32 / fp64).
+// Adaptive average pool of one image's tokens xb into bin (i, j) of a 7 x 7 grid: dst (C values, fp32 / fp64).
 template <typename scalar_t, typename T>
-void pool_row_bin(const Geom& g, const scalar_t* xb, int64_t i, T* pooled) {
+void pool_bin(const Geom& g, const scalar_t* xb, int64_t i, int64_t j, T* dst) {
   constexpr int64_t Wd = simd::Vec<T>::N, kChunk = 8;  // vectors summed in registers at a time
   const int64_t C = g.C, Cv = C / Wd * Wd, h0 = bin_start(i, g.H), h1 = bin_end(i, g.H);
-  for (int64_t j = 0; j < kPool; ++j) {
-    T* dst = pooled + (i * kPool + j) * C;
-    const int64_t w0 = bin_start(j, g.W), w1 = bin_end(j, g.W);
-    const T inv_area = T(1) / static_cast<T>((h1 - h0) * (w1 - w0));
-    int64_t c0 = 0;
-    for (; c0 + kChunk * Wd <= Cv; c0 += kChunk * Wd) bin_sum<kChunk>(xb, g.W, C, h0, h1, w0, w1, c0, inv_area, dst);
-    for (; c0 < Cv; c0 += Wd) bin_sum<1>(xb, g.W, C, h0, h1, w0, w1, c0, inv_area, dst);
-    for (; c0 < C; ++c0) {
-      T acc = 0;
-      for (int64_t hy = h0; hy < h1; ++hy)
-        for (int64_t wx = w0; wx < w1; ++wx) acc += static_cast<T>(xb[(hy * g.W + wx) * C + c0]);
-      dst[c0] = acc * inv_area;
-    }
+  const int64_t w0 = bin_start(j, g.W), w1 = bin_end(j, g.W);
+  const T inv_area = T(1) / static_cast<T>((h1 - h0) * (w1 - w0));
+  int64_t c0 = 0;
+  for (; c0 + kChunk * Wd <= Cv; c0 += kChunk * Wd) bin_sum<kChunk>(xb, g.W, C, h0, h1, w0, w1, c0, inv_area, dst);
+  for (; c0 < Cv; c0 += Wd) bin_sum<1>(xb, g.W, C, h0, h1, w0, w1, c0, inv_area, dst);
+  for (; c0 < C; ++c0) {
+    T acc = 0;
+    for (int64_t hy = h0; hy < h1; ++hy)
+      for (int64_t wx = w0; wx < w1; ++wx) acc += static_cast<T>(xb[(hy * g.W + wx) * C + c0]);
+    dst[c0] = acc * inv_area;
   }
+}
+
+// Pooled token r = (b, i, j) of the batch (the GEMM's row r in linear mode) into dst.
+template <typename scalar_t, typename T>
+inline void pool_token(const Geom& g, const scalar_t* px, int64_t r, T* dst) {
+  const int64_t b = r / g.Nr, bin = r % g.Nr;
+  pool_bin(g, px + b * g.N * g.C, bin / kPool, bin % kPool, dst);
 }
 
 template <typename scalar_t, typename T>
 void pool_all(const Geom& g, const scalar_t* px, T* pooled) {
-  at::parallel_for(0, g.B * kPool, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) pool_row_bin(g, px + t / kPool * g.N * g.C, t % kPool, pooled + t / kPool * g.Nr * g.C);
+  at::parallel_for(0, g.B * g.Nr, 7, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) pool_token(g, px, r, pooled + r * g.C);
   });
 }
 
@@ -319,10 +322,10 @@ void forward_kernel(const Geom& g, const at::Tensor& x, const at::Tensor& weight
   const std::vector<T> bv = has_bias ? to_acc<T>(*bias, C, Cp) : std::vector<T>(Cp, T(0));
   const std::vector<T> nw = to_acc<T>(norm_weight, C, Cp), nb = to_acc<T>(norm_bias, C, Cp);
   const T eps = static_cast<T>(eps_d);
-  // A 7 x 7 map (PVTv2-li's last stage at 224 x 224) pools to itself: its tokens are the GEMM's rows.
-  const bool pool_copy = g.linear && !(kInPlace && g.H == kPool && g.W == kPool);
-  std::vector<T> pooled(pool_copy ? M * C : 0);
-  if (pool_copy) pool_all<scalar_t, T>(g, px, pooled.data());
+  // Linear mode pools each row block's tokens just before its product, into a per-thread buffer that the
+  // product then reads from cache. A 7 x 7 map (PVTv2-li's last stage at 224 x 224) pools to itself: its
+  // tokens are the GEMM's rows.
+  const bool pool_rows = g.linear && !(kInPlace && g.H == kPool && g.W == kPool);
   scalar_t* po = out.data_ptr<scalar_t>();
   T* py = y.data_ptr<T>();
   T* ps = stats.data_ptr<T>();
@@ -339,14 +342,17 @@ void forward_kernel(const Geom& g, const at::Tensor& x, const at::Tensor& weight
   const int64_t kc_max = std::clamp<int64_t>(262144 / static_cast<int64_t>(Cp * sizeof(T)), 32, 512);
   const int64_t nchunk = (kC + kc_max - 1) / kc_max, kc = (kC + nchunk - 1) / nchunk;
   attn::parallel_dynamic((M + MB - 1) / MB, 1, [&](auto&& grab) {
-    std::vector<T> acc(MB * Cp), tmp(Cp), abuf(!g.linear && !kInPlace ? MB * K : 0);
+    std::vector<T> acc(MB * Cp), tmp(Cp), abuf((!g.linear && !kInPlace) || pool_rows ? MB * K : 0);
     std::vector<const T*> rows(MB);
     int64_t t0, t1;
     while (grab(t0, t1)) {
       const int64_t r0 = t0 * MB, nr = std::min(MB, M - r0);
       int64_t ky_stride = 0;
-      if (pool_copy) {
-        for (int64_t i = 0; i < nr; ++i) rows[i] = &pooled[(r0 + i) * C];
+      if (pool_rows) {
+        for (int64_t i = 0; i < nr; ++i) {
+          pool_token(g, px, r0 + i, &abuf[i * K]);  // K = C here
+          rows[i] = &abuf[i * K];
+        }
       } else if constexpr (kInPlace) {  // also the 7 x 7 linear mode: k = 1, and row r starts at token r
         for (int64_t i = 0; i < nr; ++i) rows[i] = px + row_origin(g, r0 + i);
         ky_stride = g.W * C;
@@ -392,9 +398,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_reduction_cpu(
 // pooled tokens), one column panel of A at a time (see panel_products); dA goes back to the pixels it was
 // read from (each pixel is read by at most one patch, since stride = kernel), or through the pooling bins.
 
-// One row of the LayerNorm (+ GELU) backward on whole vectors: g (in) is grad_out's row and xh (in) y's, both
-// zero past C up to their padded length Cp; dy (out, Cp values) gets the row of dy, and the parameter sums
-// pw (dz xhat), pb (dz), pyb (dy) are added to. The padding lanes have dz = 0 and add nothing.
+// One row of the LayerNorm (+ GELU) backward on whole vectors: g holds grad_out's row and xh y's, both zero
+// past C up to their padded length Cp (both are overwritten: scratch); dy (Cp values) gets the row of dy, and
+// the parameter sums pw (dz xhat), pb (dz), pyb (dy) are added to. The padding lanes have dz = 0 and add
+// nothing to the means; past C, dy and pyb get values that are never read.
 template <typename T>
 inline void norm_row_backward(int64_t C, int64_t Cp, T mean, T rstd, const T* nw, const T* nb, bool gelu,
                               T* __restrict__ g, T* __restrict__ xh, T* __restrict__ dy, T* __restrict__ pw,
@@ -460,7 +467,8 @@ void panel_gemm(int64_t rows, int64_t kd, int64_t w, bool accumulate, MakeA make
 // grad_weight[:, panel] (+)= dy^T P and dA[:, panel] = dy Q with Q = W's columns [j0, j0 + w) (C x w); dA
 // goes straight to grad x (or to the pooled tokens' gradient dpooled). dy (M x C) is the operand both products
 // broadcast from and stays in L2; x is read once and grad x written once. Few panels (small C k^2) are split
-// into row blocks too, so that every thread has work; their grad_weight parts are added in block order.
+// into row blocks too (a count from the shapes alone, so that results repeat for any thread count), so that
+// every thread has work; their grad_weight parts are added in block order.
 // Writes grad_weight to pgw.
 template <typename scalar_t, typename T>
 void panel_products(const Geom& g, const scalar_t* px, const T* pooled, const scalar_t* pw, const T* pdy,
@@ -468,15 +476,14 @@ void panel_products(const Geom& g, const scalar_t* px, const T* pooled, const sc
   constexpr int Wd = kLanes<T>;
   const int64_t C = g.C, K = g.K, M = g.B * g.Nr, kk = g.k * g.k, tile = kNV * Wd;
   const int64_t Kp = round_up(K, Wd), npanel = (Kp + tile - 1) / tile;
-  const int64_t nthreads = at::get_num_threads();
-  const int64_t nmb = std::clamp<int64_t>((2 * nthreads + npanel - 1) / npanel, 1, std::max<int64_t>(1, M / 48));
+  const int64_t nmb = std::clamp<int64_t>((16 + npanel - 1) / npanel, 1, std::max<int64_t>(1, M / 48));
   constexpr int64_t kRowBlock = 256;  // rows of P and D at a time: with Q and G they stay in L2
   std::unique_ptr<T[]> part(new T[nmb * C * Kp]);  // every value is written by one task
   std::vector<int64_t> origin(g.linear ? 0 : M);
   for (int64_t r = 0; r < static_cast<int64_t>(origin.size()); ++r) origin[r] = row_origin(g, r);
   // W as (C_out x K): column j = tap * C + ci is weight[co, ci, ky, kx] with tap = ky * k + kx. Gathered per
   // panel from the weight itself, each value would cost a cache line of its own (they are k^2 apart).
-  std::vector<T> wm(C * K);
+  std::unique_ptr<T[]> wm(new T[C * K]);
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t co = c0; co < c1; ++co)
       for (int64_t ci = 0; ci < C; ++ci)
@@ -583,9 +590,10 @@ void backward_kernel(const Geom& g, const at::Tensor& go, const at::Tensor& x, c
   }
 
   scalar_t* pgx = gx.data_ptr<scalar_t>();
-  std::vector<T> pooled(g.linear ? M * C : 0), dpooled(g.linear ? M * C : 0);
-  if (g.linear) pool_all<scalar_t, T>(g, px, pooled.data());
-  panel_products<scalar_t, T>(g, px, pooled.data(), weight.data_ptr<scalar_t>(), pdy, pgx, dpooled.data(),
+  // Both fully written before they are read (pool_all; panel_products' panels cover every column).
+  std::unique_ptr<T[]> pooled(new T[g.linear ? M * C : 0]), dpooled(new T[g.linear ? M * C : 0]);
+  if (g.linear) pool_all<scalar_t, T>(g, px, pooled.get());
+  panel_products<scalar_t, T>(g, px, pooled.get(), weight.data_ptr<scalar_t>(), pdy, pgx, dpooled.get(),
                               gw.data_ptr<scalar_t>());
   if (g.linear) {
     at::parallel_for(0, g.B * g.H, 1, [&](int64_t t0, int64_t t1) {
@@ -633,7 +641,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> spatial_r
   const at::Tensor go = grad_out.contiguous(), yc = y.contiguous(), sc = stats.contiguous();
   // Pixels that no patch reads (rows / columns past Hr * k, Wr * k) get zero.
   const bool covered = linear || (g.Hr * g.k == g.H && g.Wr * g.k == g.W);
-  at::Tensor gx = covered ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::zeros_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor gx = covered ? at::empty_like(x, at::MemoryFormat::Contiguous)
+                          : at::zeros_like(x, at::MemoryFormat::Contiguous);
   at::Tensor gw = at::empty_like(weight, at::MemoryFormat::Contiguous);
   at::Tensor gb = at::empty({bias_grad ? g.C : 0}, x.options());
   at::Tensor gnw = at::empty({g.C}, x.options()), gnb = at::empty({g.C}, x.options());
