@@ -246,12 +246,14 @@ inline void norm_row(const T* __restrict__ acc, int64_t C, const T* bias, const 
   stats[0] = mean;
   stats[1] = rstd;
   std::copy(tmp, tmp + C, y);
-  const V rv = S::splat(rstd);
-  // Whole vectors over the padded width: the padding lanes hold finite values and are not stored.
-  for (c = 0; c < C; c += S::N) {
-    V z = (S::load(tmp + c) - mv) * rv * S::load(nw + c) + S::load(nb + c);
-    if (gelu) z = VGelu<T>::run(z);
-    S::store(tmp + c, z);
+  // Whole vectors of the build's widest kind over the padded width (a multiple of kLanes<T>), since the GELU
+  // is arithmetic-bound: the padding lanes hold finite values and are not stored.
+  using SW = simd::Vec<T, attn::kWB>;
+  const typename SW::V mw = SW::splat(mean), rw = SW::splat(rstd);
+  for (c = 0; c < C; c += SW::N) {
+    typename SW::V z = (SW::load(tmp + c) - mw) * rw * SW::load(nw + c) + SW::load(nb + c);
+    if (gelu) z = VGelu<T, attn::kWB>::run(z);
+    SW::store(tmp + c, z);
   }
   store_row(tmp, out, C, T(1));
 }
@@ -406,14 +408,14 @@ template <typename T>
 inline void norm_row_backward(int64_t C, int64_t Cp, T mean, T rstd, const T* nw, const T* nb, bool gelu,
                               T* __restrict__ g, T* __restrict__ xh, T* __restrict__ dy, T* __restrict__ pw,
                               T* __restrict__ pb, T* __restrict__ pyb) {
-  using S = simd::Vec<T>;
+  using S = simd::Vec<T, attn::kWB>;  // the widest vectors: the GELU derivative is arithmetic-bound
   using V = typename S::V;
   const V mv = S::splat(mean), rv = S::splat(rstd);
   V sg = S::splat(T(0)), sgx = S::splat(T(0));
   for (int64_t c = 0; c < Cp; c += S::N) {
     const V xhat = (S::load(xh + c) - mv) * rv;
     V dz = S::load(g + c);
-    if (gelu) dz *= simd::VGeluGrad<T>::run(xhat * S::load(nw + c) + S::load(nb + c));
+    if (gelu) dz *= simd::VGeluGrad<T, attn::kWB>::run(xhat * S::load(nw + c) + S::load(nb + c));
     S::store(pw + c, S::load(pw + c) + dz * xhat);
     S::store(pb + c, S::load(pb + c) + dz);
     const V gc = dz * S::load(nw + c);
@@ -422,7 +424,7 @@ inline void norm_row_backward(int64_t C, int64_t Cp, T mean, T rstd, const T* nw
     sg += gc;
     sgx += gc * xhat;
   }
-  const V mg = S::splat(attn::hsum<T>(sg) / static_cast<T>(C)), mgx = S::splat(attn::hsum<T>(sgx) / static_cast<T>(C));
+  const V mg = S::splat(S::sum(sg) / static_cast<T>(C)), mgx = S::splat(S::sum(sgx) / static_cast<T>(C));
   for (int64_t c = 0; c < Cp; c += S::N) {
     const V d = rv * (S::load(g + c) - mg - S::load(xh + c) * mgx);
     S::store(dy + c, d);
@@ -555,7 +557,7 @@ void backward_kernel(const Geom& g, const at::Tensor& go, const at::Tensor& x, c
                      at::Tensor& gnw, at::Tensor& gnb) {
   using T = at::opmath_type<scalar_t>;
   const int64_t C = g.C, M = g.B * g.Nr;
-  const int64_t Cp = round_up(C, simd::Vec<T>::N);
+  const int64_t Cp = round_up(C, kLanes<T>);
   const std::vector<T> nw = to_acc<T>(norm_weight, C, Cp), nb = to_acc<T>(norm_bias, C, Cp);
   const scalar_t* pgo = go.data_ptr<scalar_t>();
   const scalar_t* px = x.data_ptr<scalar_t>();
