@@ -486,8 +486,9 @@ void panel_products(const Geom& g, const scalar_t* px, const T* pooled, const sc
   // W as (C_out x K): column j = tap * C + ci is weight[co, ci, ky, kx] with tap = ky * k + kx. Gathered per
   // panel from the weight itself, each value would cost a cache line of its own (they are k^2 apart).
   // A 1 x 1 weight in the accumulation type is that matrix already; others are transposed per output channel
-  // (C_in x k^2 -> k^2 x C_in) on attn::transpose's register blocks. Element by element, this copy and the
-  // grad_weight one at the end took ~20% of PVTv2-b2 stage 3's backward.
+  // (C_in x k^2 -> k^2 x C_in) by attn::transpose: 8 x 8 register blocks for fp32 with k^2 >= 8, its strip
+  // loops otherwise (k = 2, other dtypes). The former per-element loops, here and for grad_weight at the end,
+  // took ~20% of PVTv2-b2 stage 3's backward in a profile.
   std::unique_ptr<T[]> wm;
   const T* wmat = nullptr;
   if constexpr (std::is_same_v<scalar_t, T>) {
