@@ -327,6 +327,12 @@ inline void prefetch_rows(const S* base, int64_t rows, int64_t stride, int64_t l
 template <typename S, typename T>
 inline void transpose(const S* __restrict__ a, int64_t rows, int64_t cols, int64_t lda, T* __restrict__ b,
                       int64_t ldb) {
+  // A row into a column of stride 1 (or the reverse) is a plain copy, vectorised by the compiler; the strips
+  // below would move it one value at a time (a 1 x 1 convolution's weight in spatial_reduction's backward).
+  if ((rows == 1 && ldb == 1) || (cols == 1 && lda == 1)) {
+    for (int64_t i = 0; i < rows * cols; ++i) b[i] = static_cast<T>(a[i]);
+    return;
+  }
   int64_t j0 = 0;
   if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float> && simd::Vec<float>::N == 8) {
     using V = simd::Vec<float>;

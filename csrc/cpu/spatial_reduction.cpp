@@ -486,8 +486,8 @@ void panel_products(const Geom& g, const scalar_t* px, const T* pooled, const sc
   // W as (C_out x K): column j = tap * C + ci is weight[co, ci, ky, kx] with tap = ky * k + kx. Gathered per
   // panel from the weight itself, each value would cost a cache line of its own (they are k^2 apart).
   // A 1 x 1 weight in the accumulation type is that matrix already; others are transposed per output channel
-  // (C_in x k^2 -> k^2 x C_in) by attn::transpose: 8 x 8 register blocks for fp32 with k^2 >= 8, its strip
-  // loops otherwise (k = 2, other dtypes). The former per-element loops, here and for grad_weight at the end,
+  // (C_in x k^2 -> k^2 x C_in) by attn::transpose: 8 x 8 register blocks for fp32 with k^2 >= 8, a plain copy
+  // for k = 1, its strip loops otherwise. The former per-element loops, here and for grad_weight at the end,
   // took ~20% of PVTv2-b2 stage 3's backward in a profile.
   std::unique_ptr<T[]> wm;
   const T* wmat = nullptr;
@@ -554,10 +554,7 @@ void panel_products(const Geom& g, const scalar_t* px, const T* pooled, const sc
     for (int64_t co = c0; co < c1; ++co) {
       std::copy(&part[co * Kp], &part[co * Kp] + K, row.data());
       for (int64_t mb = 1; mb < nmb; ++mb) attn::add_row(&part[(mb * C + co) * Kp], row.data(), K);
-      if (kk == 1)
-        store_row(row.data(), pgw + co * K, K, T(1));
-      else
-        attn::transpose(row.data(), kk, C, C, pgw + co * K, kk);
+      attn::transpose(row.data(), kk, C, C, pgw + co * K, kk);
     }
   });
 }
