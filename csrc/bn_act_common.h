@@ -36,8 +36,9 @@ inline bool grad_from_output(Act a) { return a == Act::kNone || a == Act::kRelu 
 template <typename T>
 FASTOPS_HD T act_forward(Act a, T z) {
   switch (a) {
-    case Act::kRelu: return z > T(0) ? z : T(0);
-    case Act::kRelu6: return z > T(0) ? (z < T(6) ? z : T(6)) : T(0);
+    // Written so that NaN stays NaN, as in torch.relu / relu6 (z > 0 ? z : 0 would turn it into 0).
+    case Act::kRelu: return z < T(0) ? T(0) : z;
+    case Act::kRelu6: return z < T(0) ? T(0) : (z > T(6) ? T(6) : z);
     case Act::kSilu: return z / (T(1) + exp(-z));
     case Act::kGelu: return T(0.5) * z * (T(1) + erf(z * T(0.70710678118654752440)));
     case Act::kHardswish: {

@@ -47,9 +47,13 @@ template <typename scalar_t>
 void batch_stats(const Geom& g, const scalar_t* x, std::vector<double>& mean, std::vector<double>& var) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = g.C;
-  // The shift: the channel's first element.
+  // The shift: the channel's first element (0 if that is inf or NaN, which would make every difference NaN
+  // where torch gives an inf mean).
   std::vector<acc_t> shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(g.cl ? x[c] : x[c * g.HW]);
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t x0 = static_cast<acc_t>(g.cl ? x[c] : x[c * g.HW]);
+    shift[c] = std::isfinite(static_cast<double>(x0)) ? x0 : acc_t(0);
+  }
   std::vector<double> sums(2 * C);
   using V = simd::Vec<acc_t>;
   auto plane_fn = [&](int64_t p, acc_t* out) {
@@ -91,7 +95,8 @@ void batch_stats(const Geom& g, const scalar_t* x, std::vector<double>& mean, st
   for (int64_t c = 0; c < C; ++c) {
     const double m = sums[c] / M;
     mean[c] = static_cast<double>(shift[c]) + m;
-    var[c] = std::max(0.0, sums[C + c] / M - m * m);
+    const double v = sums[C + c] / M - m * m;
+    var[c] = v < 0 ? 0.0 : v;  // rounding can take it below 0; a NaN (inf or NaN inputs) stays NaN, as in torch
   }
 }
 

@@ -69,7 +69,7 @@ inline Act parse_act(c10::string_view name, const char* arg, std::initializer_li
 template <typename acc_t>
 inline acc_t act_fwd(Act a, acc_t z) {
   switch (a) {
-    case Act::kRelu: return z > 0 ? z : acc_t(0);
+    case Act::kRelu: return z < 0 ? acc_t(0) : z;  // NaN stays NaN, as torch.relu
     case Act::kSilu: return z / (acc_t(1) + std::exp(-z));
     case Act::kGelu: return acc_t(0.5) * z * (acc_t(1) + std::erf(z * acc_t(M_SQRT1_2)));
     case Act::kSigmoid: return acc_t(1) / (acc_t(1) + std::exp(-z));

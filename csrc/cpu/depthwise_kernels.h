@@ -1266,7 +1266,7 @@ inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::m
 template <Act A, typename acc_t>
 constexpr bool kVecAct = std::is_same_v<acc_t, float> && (A == Act::kSilu || A == Act::kGelu);
 
-// act on a whole fp32 vector, with act_forward's conventions (relu(NaN) = 0 included).
+// act on a whole fp32 vector, with act_forward's conventions (relu(NaN) = NaN included).
 template <Act A, int kB = 32>
 inline typename simd::Vec<float, kB>::V act_v(typename simd::Vec<float, kB>::V z) {
   using S = simd::Vec<float, kB>;
@@ -1274,8 +1274,8 @@ inline typename simd::Vec<float, kB>::V act_v(typename simd::Vec<float, kB>::V z
   const V zero{}, six = S::splat(6.f);
   if constexpr (A == Act::kGelu) return simd::VGelu<float, kB>::run(z);
   else if constexpr (A == Act::kSilu) return z / (S::splat(1.f) + simd::VExp<float, kB>::run(-z));
-  else if constexpr (A == Act::kRelu) return z > 0.f ? z : zero;
-  else if constexpr (A == Act::kRelu6) return z > 0.f ? (z < 6.f ? z : six) : zero;
+  else if constexpr (A == Act::kRelu) return z < 0.f ? zero : z;
+  else if constexpr (A == Act::kRelu6) return z < 0.f ? zero : (z > 6.f ? six : z);
   else if constexpr (A == Act::kHardswish) {
     const V r = z + 3.f;
     return z * (r > 0.f ? (r < 6.f ? r : six) : zero) * S::splat(1.f / 6.f);

@@ -108,7 +108,7 @@ void scale(const SeGeom& g, const scalar_t* xs, const scalar_t* rs, const acc_t*
   using Vec = simd::Vec<acc_t>;
   using V = typename Vec::V;
   auto out_act = [](auto y) {
-    if constexpr (kRelu) return decltype(y)(y > 0 ? y : decltype(y){});
+    if constexpr (kRelu) return decltype(y)(y < 0 ? decltype(y){} : y);  // NaN stays NaN, as torch.relu
     else return y;
   };
   for_each_row<acc_t>(g, b, e, [&](int64_t o, int64_t n, auto at_vec, auto at_one) {

@@ -31,9 +31,9 @@ def act_fwd(z, ACT: tl.constexpr):
     """act(z) for fp32 z."""
     y = z
     if ACT == 1:
-        y = tl.where(z > 0.0, z, 0.0)
+        y = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as torch.relu
     elif ACT == 2:
-        y = tl.where(z > 0.0, tl.where(z < 6.0, z, 6.0), 0.0)
+        y = tl.where(z < 0.0, 0.0, tl.where(z > 6.0, 6.0, z))
     elif ACT == 3:
         y = z / (1.0 + tl.exp(-z))
     elif ACT == 4:

@@ -69,7 +69,7 @@ def _se_scale_kernel(
     if HAS_RES:
         y += tl.load(res_ptr + off, mask=ok, other=0.0).to(tl.float32)
     if OUT_RELU:
-        y = tl.where(y > 0.0, y, 0.0)
+        y = tl.where(y < 0.0, 0.0, y)  # NaN stays NaN, as torch.relu
     tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 

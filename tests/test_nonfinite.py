@@ -1,0 +1,85 @@
+"""NaN and inf through the fused kernels, as PyTorch passes them: relu / relu6 keep a NaN (torch.relu(nan) is
+nan, where max(z, 0) would give 0), and BatchNorm's batch statistics of a channel holding inf or NaN are what
+F.batch_norm reports (inf mean / NaN variance), not a variance clamped to 0."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastops
+from fastops import reference as R
+
+from ._util import backend_params, skip_unless_runnable
+
+
+def _same_nonfinite(out, ref):
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), (
+        f"NaN at {int(torch.isnan(out).sum())} places, the reference at {int(torch.isnan(ref).sum())}")
+    torch.testing.assert_close(torch.nan_to_num(out), torch.nan_to_num(ref), rtol=1e-4, atol=1e-4)
+
+
+def _with_nan(*shape, cl=False):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x[0, 1, 2, 3] = float("nan")
+    return x.contiguous(memory_format=torch.channels_last) if cl else x
+
+
+@pytest.mark.parametrize("backend_dev", backend_params("conv_bias_act"))
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("act", ["relu", "relu6"])
+@pytest.mark.parametrize("kind", ["1x1", "depthwise"])
+def test_conv_bias_act_relu_keeps_nan(backend_dev, cl, act, kind):
+    backend, dev = backend_dev
+    x = _with_nan(2, 8, 9, 9, cl=cl).to(dev)
+    groups, k = (1, 1) if kind == "1x1" else (8, 3)
+    w = torch.randn(16 if kind == "1x1" else 8, 8 // groups, k, k, device=dev)
+    skip_unless_runnable("conv_bias_act", backend, x, w, groups)
+    with fastops.use_backend(backend):
+        out = fastops.conv_bias_act(x, w, None, 1, k // 2, 1, groups, act)
+    ref = R.conv_bias_act(x, w, None, None, [1, 1], [k // 2] * 4, [1, 1], groups, act)
+    assert torch.isnan(ref).any()
+    _same_nonfinite(out, ref)
+
+
+@pytest.mark.parametrize("backend_dev", backend_params("bn_act"))
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("act", ["relu", "relu6"])
+def test_bn_act_eval_relu_keeps_nan(backend_dev, cl, act):
+    backend, dev = backend_dev
+    x = _with_nan(2, 4, 5, 5, cl=cl).to(dev)
+    rm, rv = torch.randn(4, device=dev), torch.rand(4, device=dev) + 0.5
+    skip_unless_runnable("bn_act", backend, x)
+    with fastops.use_backend(backend):
+        out = fastops.bn_act(x, None, None, rm, rv, act=act)
+    ref = getattr(F, act)(F.batch_norm(x, rm, rv))
+    _same_nonfinite(out, ref)
+
+
+@pytest.mark.parametrize("backend_dev", backend_params("squeeze_excite"))
+@pytest.mark.parametrize("out_act", ["none", "relu"])
+def test_squeeze_excite_relu_keeps_nan(backend_dev, out_act):
+    backend, dev = backend_dev
+    x = _with_nan(2, 4, 5, 5).to(dev)
+    w1, w2 = torch.randn(2, 4, device=dev), torch.randn(4, 2, device=dev)
+    skip_unless_runnable("squeeze_excite", backend, x)
+    with fastops.use_backend(backend):
+        out = fastops.squeeze_excite(x, w1, None, w2, None, "relu", out_act=out_act)
+    ref = R.squeeze_excite(x, w1, None, w2, None, "relu", out_act=out_act)
+    assert torch.isnan(ref[0]).all()  # the NaN reaches the whole sample through the pooled mean and the MLP
+    _same_nonfinite(out, ref)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+def test_bn_act_training_statistics_of_inf_and_nan(cl):
+    x = torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(1))
+    x[0, 0, 1, 1] = float("nan")
+    x[0, 1, 0, 0] = float("inf")  # the channel's first element, which the one-pass statistics start from
+    x[1, 1, 2, 2] = float("inf")
+    x = x.contiguous(memory_format=torch.channels_last) if cl else x
+    rm, rv = torch.zeros(3), torch.ones(3)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    with fastops.use_backend("cpu"):
+        fastops.bn_act(x, None, None, rm, rv, training=True, act="none")
+    F.batch_norm(x, rm_t, rv_t, training=True)
+    torch.testing.assert_close(rm, rm_t, equal_nan=True)
+    torch.testing.assert_close(rv, rv_t, equal_nan=True)
+    assert torch.isnan(rv[:2]).all() and torch.isinf(rm[1]) and torch.isfinite(rm[2])
