@@ -257,7 +257,13 @@ def _with(i, value):
     (None, dict(act="tanh"), ValueError, "act must be one of none, relu, relu6, silu, gelu, hardswish"),
     (None, dict(residual=torch.randn(2, 8, 5, 4)), ValueError, "residual must have x's shape"),
     (None, dict(residual=torch.randn(2, 8, 5, 5).double()), TypeError, "residual has dtype"),
-    (None, dict(eps=0.0), ValueError, "eps must be a positive float"),
+    (None, dict(eps=0.0), ValueError, "eps must be a positive finite float"),
+    (None, dict(eps=True), ValueError, "eps must be a positive finite float, got True"),
+    (None, dict(eps=float("inf")), ValueError, "eps must be a positive finite float, got inf"),
+    (None, dict(eps=float("nan")), ValueError, "eps must be a positive finite float, got nan"),
+    (None, dict(training=True, momentum=True), ValueError, "momentum must be a float in \\[0, 1\\]"),
+    ([torch.randn(2, 0, 5, 5), torch.randn(0), torch.randn(0), torch.zeros(0), torch.ones(0)], {}, ValueError,
+     "fastops.bn_act: x must have C >= 1"),
     (None, dict(training=1), TypeError, "training must be a bool"),
     (None, dict(training=True, momentum=2.0), ValueError, "momentum must be a float in \\[0, 1\\]"),
     ([torch.randn(1, 8, 1, 1), None, None, torch.zeros(8), torch.ones(8)], dict(training=True), ValueError,
@@ -283,6 +289,59 @@ def test_direct_op_call_checks_shapes():
         torch.ops.fastops.bn_act(x, w, b, rm, rv, None, 1e-5, "tanh", False)
     with pytest.raises(RuntimeError, match="weight"):
         torch.ops.fastops.bn_act(x, w.half(), b, rm, rv, None, 1e-5, "relu", False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("training", [False, True])
+def test_zero_channels_refused_on_every_backend(backend, training):
+    """C = 0 ran on the cpu kernel (eval) but failed in the reference's backward: refused up front everywhere."""
+    x = torch.randn(2, 0, 5, 5, requires_grad=True)
+    with fastops.use_backend(backend), pytest.raises(ValueError, match="fastops.bn_act: x must have C >= 1"):
+        fastops.bn_act(x, torch.randn(0), torch.randn(0), torch.zeros(0), torch.ones(0), training=training)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_double_backward_raises(training):
+    """Second-order gradients through the kernels raise instead of coming back as zeros."""
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    stats = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    skip_unless_runnable(OP, "cpu", x)
+    grads = {}
+    for backend in ("cpu", "reference"):
+        with fastops.use_backend(backend):
+            y = fastops.bn_act(x, w, None, *(t.clone() for t in stats), 1e-5, "silu", training=training)
+        grads[backend] = torch.autograd.grad(y.square().sum(), (x, w), create_graph=True)
+    for got, want, what in zip(grads["cpu"], grads["reference"], ("grad_x", "grad_weight")):
+        assert_close(got, want, torch.float64, what)
+    with pytest.raises(RuntimeError, match="fastops.bn_act: gradients of gradients"):
+        torch.autograd.grad(grads["cpu"][0].sum(), (x, w))
+    assert torch.autograd.grad(grads["reference"][0].sum(), w)[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("xdt, pdt", [(torch.float64, torch.float32), (torch.float32, torch.float64),
+                                      (torch.float16, torch.float32), (torch.bfloat16, torch.float64),
+                                      (torch.float16, torch.float16)])
+@pytest.mark.parametrize("training", [False, True])
+def test_reference_backend_takes_the_parameter_dtypes_the_op_takes(xdt, pdt, training):
+    """weight / bias / running stats may have any floating dtype (the kernels compute in fp32, fp64 for fp64 x);
+    the reference backend (forced, or the fallback without fastops._C) accepts them too and agrees with cpu,
+    running statistics included."""
+    [x, w, b, r], stats, act = _case(CASES[1], torch.float32)
+    x, r = x.to(xdt), r.to(xdt)
+    skip_unless_runnable(OP, "cpu", x)
+    out = {}
+    for backend in ("cpu", "reference"):
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w.to(pdt), b.to(pdt)))
+        rm, rv = (t.to(pdt).clone() for t in stats)
+        with fastops.use_backend(backend):
+            y = fastops.bn_act(xs, ws, bs, rm, rv, 1e-5, act, r, training, 0.1)
+        y.float().square().sum().backward()
+        out[backend] = (y, xs.grad, ws.grad, rm, rv)
+    for got, want, what in zip(out["cpu"], out["reference"], ("output", "grad_x", "grad_weight", "running_mean",
+                                                                "running_var")):
+        assert got.dtype == want.dtype, what
+        assert_close(got, want, xdt, what, tol=max(TOL[xdt], TOL[pdt]))
 
 
 def test_forced_backend_that_cannot_run_says_why():

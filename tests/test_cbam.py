@@ -262,6 +262,15 @@ def _with(i, v):
     (_good(), dict(act="tanh"), ValueError, "act must be one of"),
     (_good(), dict(gate="relu"), ValueError, "gate must be one of"),
     (_with(0, torch.randn(1, 8, 1, 1)), dict(training=True), ValueError, "more than one value per BN channel"),
+    # The BN scalars are checked as bn_act checks them (bn_eps=-1 gave NaN silently; training="no" ran training).
+    (_good(), dict(bn_eps=-1.0), ValueError, "fastops.cbam: bn_eps must be a positive finite float, got -1.0"),
+    (_good(), dict(bn_eps=None), ValueError, "fastops.cbam: bn_eps must be a positive finite float, got None"),
+    (_good(), dict(bn_eps="x"), ValueError, "fastops.cbam: bn_eps must be a positive finite float"),
+    (_good(), dict(bn_eps=float("inf")), ValueError, "fastops.cbam: bn_eps must be a positive finite float"),
+    (_good(), dict(bn_eps=True), ValueError, "fastops.cbam: bn_eps must be a positive finite float"),
+    (_good(), dict(training=True, momentum=5.0), ValueError, "fastops.cbam: momentum must be a float in \\[0, 1\\]"),
+    (_good(), dict(training="no"), TypeError, "fastops.cbam: training must be a bool, got 'no'"),
+    (_good(), dict(training=None), TypeError, "fastops.cbam: training must be a bool, got None"),
 ])
 def test_bad_inputs(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -283,3 +292,38 @@ def test_direct_op_call_checks_shapes():
 def test_forced_backend_that_cannot_run_says_why():
     with fastops.use_backend("cuda"), pytest.raises(backends.BackendUnavailable, match="needs CUDA tensors"):
         fastops.cbam(*_good())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("training", [False, True])
+def test_reference_backend_takes_fp32_running_stats(dtype, training):
+    """Running stats in fp32 with fp16 / bf16 / fp64 x (the op casts them for the kernels): the reference
+    backend (forced, or the fallback without fastops._C) accepts them too and agrees with cpu."""
+    torch.manual_seed(3)
+    a = [None if t is None else t.to(dtype) for t in _good()[:8]]
+    skip_unless_runnable(OP, "cpu", a[0])
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-5}[dtype]
+    out = {}
+    for backend in ("cpu", "reference"):
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in a]
+        rm, rv = torch.full((1,), 0.1), torch.full((1,), 2.0)
+        with fastops.use_backend(backend):
+            y = fastops.cbam(*leaves, rm, rv, training=training)
+        y.float().square().sum().backward()
+        out[backend] = (y, leaves[0].grad, leaves[6].grad, rm, rv)
+    for got, want, what in zip(out["cpu"], out["reference"], ("output", "grad_x", "grad_bn_weight", "running_mean",
+                                                                "running_var")):
+        assert got.dtype == want.dtype, what
+        # The reference's backward rounds every step to bf16 (the kernels accumulate in fp32): ~10% apart.
+        if not (dtype == torch.bfloat16 and what.startswith("grad")):
+            assert_close(got, want, dtype, what, tol=tol)
+
+
+def test_double_backward_raises():
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    a = [None if t is None else t.double() for t in _good()[1:]]
+    skip_unless_runnable(OP, "cpu", x)
+    with fastops.use_backend("cpu"):
+        (gx,) = torch.autograd.grad(fastops.cbam(x, *a).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="fastops.cbam: gradients of gradients"):
+        torch.autograd.grad(gx.sum(), x)

@@ -653,11 +653,84 @@ def _with(i, value):
     (None, dict(training=1), TypeError, "training must be a bool"),
     ([torch.randn(1, 8, 2, 2), torch.randn(4, 8, 5, 5), None, None, None, torch.zeros(4), torch.ones(4)], {},
      ValueError, "dilated kernel \\(5x5\\) is larger than the padded input"),
+    (_with(0, None), {}, TypeError, "fastops.conv_bn_act: x must be a torch.Tensor, got NoneType"),
+    (_with(0, [[1.0]]), dict(training=True), TypeError, "fastops.conv_bn_act: x must be a torch.Tensor, got list"),
+    (_with(1, torch.randn(4, 8, 0, 3)), {}, ValueError, "fastops.conv_bn_act: weight kernel size must be >= 1"),
+    (_with(1, torch.randn(4, 8, 3, 0)), dict(training=True), ValueError, "conv_bn_act: weight kernel size must be"),
+    ([torch.randn(2, 0, 6, 6), torch.randn(4, 0, 3, 3), None, None, None, torch.zeros(4), torch.ones(4)], {},
+     ValueError, "fastops.conv_bn_act: x must have C_in >= 1"),
+    ([torch.randn(2, 8, 6, 6), torch.randn(0, 8, 3, 3), None, None, None, torch.zeros(0), torch.ones(0)], {},
+     ValueError, "fastops.conv_bn_act: weight must have C_out >= 1"),
+    (None, dict(eps=float("inf")), ValueError, "fastops.conv_bn_act: eps must be a positive finite float"),
+    # Training runs the BN through bn_act: its errors still name conv_bn_act and conv_bn_act's arguments.
+    (_with(3, torch.randn(3)), dict(training=True), ValueError,
+     "fastops.conv_bn_act: bn_weight must have shape \\(4,\\)"),
+    (_with(4, torch.randn(4, 1)), dict(training=True), ValueError, "fastops.conv_bn_act: bn_bias must be 1-D"),
+    (_with(5, torch.randn(5)), dict(training=True), ValueError, "fastops.conv_bn_act: running_mean must have shape"),
+    (_with(6, None), dict(training=True), ValueError, "fastops.conv_bn_act: give both running_mean and running_var"),
+    (None, dict(training=True, residual=torch.randn(2, 4, 6, 6)), ValueError,
+     "fastops.conv_bn_act: residual must have the output's shape \\(2, 4, 4, 4\\)"),
+    (None, dict(training=True, residual=torch.randn(2, 4, 4, 4).double()), TypeError,
+     "fastops.conv_bn_act: residual has dtype"),
+    (None, dict(training=True, eps=-1.0), ValueError, "fastops.conv_bn_act: eps must be a positive finite float"),
+    (None, dict(training=True, momentum=5.0), ValueError, "fastops.conv_bn_act: momentum must be a float in"),
 ])
 def test_bad_inputs(args, kwargs, exc, match):
     good_args, good_kwargs = _good()
     with pytest.raises(exc, match=match):
         fastops.conv_bn_act(*(args or good_args), **{**good_kwargs, **kwargs})
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    ([torch.randn(2, 4, 5, 5), torch.randn(6, 4, 0, 3)], ValueError, "fastops.conv_bias_act: weight kernel size must"),
+    ([torch.randn(2, 0, 5, 5), torch.randn(6, 0, 3, 3)], ValueError, "fastops.conv_bias_act: x must have C_in >= 1"),
+    ([None, torch.randn(6, 4, 3, 3)], TypeError, "fastops.conv_bias_act: x must be a torch.Tensor"),
+    ([torch.randn(2, 4, 5, 5), None], TypeError, "fastops.conv_bias_act: weight must be a torch.Tensor"),
+])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bad_inputs_conv_bias_act(args, exc, match, backend):
+    """Refused up front, the same on every backend (an empty kernel reached oneDNN; C_in = 0 ran forward on the
+    cpu kernel and then failed in its backward)."""
+    with fastops.use_backend(backend), pytest.raises(exc, match=match):
+        fastops.conv_bias_act(*args, None, 1, 1)
+
+
+def test_double_backward_raises():
+    """Second-order gradients through the conv kernel raise instead of coming back as zeros."""
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    skip_unless_runnable(OP, "cpu", x, w, 1)
+    grads = {}
+    for backend in ("cpu", "reference"):
+        with fastops.use_backend(backend):
+            y = fastops.conv_bias_act(x, w, None, 1, 1, act="silu")
+        grads[backend] = torch.autograd.grad(y.square().sum(), (x, w), create_graph=True)
+    for got, want, what in zip(grads["cpu"], grads["reference"], ("grad_x", "grad_weight")):
+        assert_close(got, want, torch.float64, what)
+    with pytest.raises(RuntimeError, match="fastops.conv_bias_act: gradients of gradients"):
+        torch.autograd.grad(grads["cpu"][1].sum(), (x, w))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_reference_backend_takes_fp32_parameters_with_fp64_x(training):
+    """conv bias / BN parameters / running stats in fp32 with a float64 x: accepted by the op and the cpu
+    backend, and by the reference backend (forced, or the fallback without fastops._C), which agrees."""
+    case = CASES[2]
+    tensors, stats, opts = _case(case, torch.float64)
+    tensors = [None if t is None else t.float() if t.dim() == 1 else t for t in tensors]
+    stats = [t.float() for t in stats]
+    skip_unless_runnable(OP, "cpu", tensors[0], tensors[1], opts["groups"])
+    go = torch.randn(case[0], case[2], *_out_hw(case), dtype=torch.float64)
+    got, got_stats = _run("cpu", tensors, stats, opts, training, go)
+    want, want_stats = _run("reference", tensors, stats, opts, training, go)
+    for g, e, what in zip(got + got_stats, want + want_stats, NAMES + ("running_mean", "running_var")):
+        if e is None:
+            continue
+        assert g.dtype == e.dtype, what
+        if training and what == "grad_conv_bias":  # the batch mean removes the conv bias: its gradient is ~0
+            assert g.abs().max() < 1e-9 and e.abs().max() < 1e-9
+        else:
+            assert_close(g, e, torch.float32, what)
 
 
 def test_direct_op_call_checks_shapes():

@@ -333,6 +333,7 @@ def _good():
     (lambda x, w, b: (x, w, b.to("meta")), ValueError, "bias is on meta"),
     (lambda x, w, b: (x[:, :, :2, :2], w, b), ValueError, "larger than the padded input x"),
     (lambda x, w, b: ([[1.0]], w, b), TypeError, "x must be a torch.Tensor"),
+    (lambda x, w, b: (x, torch.randn(4, 1, 0, 3), b), ValueError, "weight kernel size must be within 1..31, got 0x3"),
 ])
 def test_bad_inputs(mutate, exc, match):
     x, w, b = mutate(*_good())
@@ -351,6 +352,54 @@ def test_bad_inputs(mutate, exc, match):
 def test_bad_options(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         fastops.depthwise_conv2d(*_good(), **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_zero_channels_refused_on_every_backend(backend):
+    """C = 0 ran on the cpu kernel but not through F.conv2d (groups=0): refused up front, the same everywhere."""
+    x, w, b = _good()
+    with fastops.use_backend(backend), pytest.raises(ValueError, match="fastops.depthwise_conv2d: x must have C >= 1"):
+        fastops.depthwise_conv2d(x[:, :0], w[:0], b[:0], padding=1)
+
+
+def _double_backward(backend):
+    torch.manual_seed(5)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    with fastops.use_backend(backend):
+        gx, gw = torch.autograd.grad(fastops.depthwise_conv2d(x, w, None, 1, 1).square().sum(), (x, w),
+                                     create_graph=True)
+    return x, w, gx, gw
+
+
+def test_double_backward_raises_and_first_order_grads_are_unchanged():
+    """Without an autograd kernel on the backward op, PyTorch only warned and the second-order gradients came
+    back as zeros. They now raise (the reference backend stays twice differentiable); first-order gradients
+    taken with create_graph=True are those of the reference."""
+    x, w, gx, gw = _double_backward("cpu")
+    rx, rw, rgx, rgw = _double_backward("reference")
+    assert gx.requires_grad
+    assert_close(gx, rgx, torch.float64, "grad_x")
+    assert_close(gw, rgw, torch.float64, "grad_weight")
+    with fastops.use_backend("cpu"):
+        plain = torch.autograd.grad(fastops.depthwise_conv2d(x, w, None, 1, 1).square().sum(), (x, w))
+    assert torch.equal(plain[0], gx.detach()) and torch.equal(plain[1], gw.detach())
+    with pytest.raises(RuntimeError, match="fastops.depthwise_conv2d: gradients of gradients .*"
+                                           "FASTOPS_BACKEND=reference"):
+        torch.autograd.grad(gx.sum(), (x, w))
+    ref = torch.autograd.grad(rgx.sum(), (rx, rw))
+    assert ref[0].abs().sum() > 0 and ref[1].abs().sum() > 0
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter off")
+def test_double_backward_raises_triton():
+    xs = torch.randn(2, 4, 7, 7, requires_grad=True)
+    ws = torch.randn(4, 1, 3, 3, requires_grad=True)
+    with fastops.use_backend("triton"):
+        (gx,) = torch.autograd.grad(fastops.depthwise_conv2d(xs, ws, None, 1, 1).square().sum(), xs,
+                                    create_graph=True)
+    with pytest.raises(RuntimeError, match="fastops.depthwise_conv2d: gradients of gradients"):
+        torch.autograd.grad(gx.sum(), (xs, ws))
 
 
 def test_forced_backend_that_cannot_run_says_why():

@@ -264,6 +264,8 @@ def _good():
     (None, dict(pad_qkv=torch.randn(23)), ValueError, "pad_qkv must have shape \\(24,\\)"),
     (None, dict(pad_qkv=torch.randn(24, device="meta")), ValueError, "pad_qkv is on meta"),
     (None, dict(scale=float("nan")), ValueError, "scale must be a finite float"),
+    ([torch.randn(2, 8, 8, 0)], dict(num_heads=2, window_size=4, shift_size=0, rel_pos_bias=None, pad_qkv=None),
+     ValueError, "fastops.window_attention: qkv's last dim must be 3 \\* C .* and C >= 1, got 0"),
 ])
 def test_bad_inputs(args, kwargs, exc, match):
     good_args, good_kwargs = _good()
@@ -289,6 +291,38 @@ def test_forced_backend_that_cannot_run_says_why():
     args, kwargs = _good()
     with fastops.use_backend("cuda"), pytest.raises(backends.BackendUnavailable, match="needs CUDA tensors"):
         fastops.window_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype, pdt", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                        (torch.float32, torch.float64), (torch.float64, torch.float32)])
+def test_reference_backend_takes_parameters_of_another_dtype(dtype, pdt):
+    """rel_pos_bias / pad_qkv in another floating dtype than qkv (an fp32 table with fp16 qkv): the reference
+    backend (forced, or the fallback without fastops._C) accepts them too and agrees with cpu."""
+    (qkv, b, p), opts = _case(CASES[1], torch.float32)
+    qkv, b, p = qkv.to(dtype), b.to(pdt), p.to(pdt)
+    skip_unless_runnable(OP, "cpu", qkv, CASES[1][4], 49)
+    out = {}
+    for backend in ("cpu", "reference"):
+        leaves = [t.detach().clone().requires_grad_() for t in (qkv, b, p)]
+        with fastops.use_backend(backend):
+            y = fastops.window_attention(leaves[0], rel_pos_bias=leaves[1], pad_qkv=leaves[2], **opts)
+        y.float().square().sum().backward()
+        out[backend] = [y] + [t.grad for t in leaves]
+    for got, want, what in zip(out["cpu"], out["reference"], NAMES):
+        assert got.dtype == want.dtype, what
+        assert_close(got, want, dtype, what, tol=max(TOL[dtype], TOL[pdt]) * 2)
+
+
+def test_double_backward_raises():
+    """Second-order gradients through the kernels raise instead of coming back as zeros."""
+    (qkv, b, p), opts = _case(CASES[1], torch.float64)
+    skip_unless_runnable(OP, "cpu", qkv, CASES[1][4], 49)
+    qkv.requires_grad_()
+    with fastops.use_backend("cpu"):
+        (g,) = torch.autograd.grad(fastops.window_attention(qkv, rel_pos_bias=b, pad_qkv=p, **opts).square().sum(),
+                                   qkv, create_graph=True)
+    with pytest.raises(RuntimeError, match="fastops.window_attention: gradients of gradients"):
+        torch.autograd.grad(g.sum(), qkv)
 
 
 def test_backend_size_limits_are_reported():

@@ -1,5 +1,6 @@
 """Argument checks shared by the public ops. Every error names the argument and what was expected."""
-from typing import Sequence, Tuple
+import math
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -14,6 +15,46 @@ def tensor(op: str, name: str, t, ndim: int = None, dtypes=FLOAT_DTYPES, shape_d
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"fastops.{op}: {name} must have a floating dtype ({names}), got {t.dtype}")
+
+
+def positive_dim(op: str, name: str, t: torch.Tensor, dim: int, label: str) -> None:
+    """``t.shape[dim] >= 1``: the kernels (and F.conv2d / F.batch_norm on some paths) reject or mishandle an
+    empty channel dimension, so it is refused here the same way on every backend."""
+    if t.shape[dim] < 1:
+        raise ValueError(f"fastops.{op}: {name} must have {label} >= 1, got shape {tuple(t.shape)}")
+
+
+def kernel_size(op: str, name: str, weight: torch.Tensor, maximum: Optional[int] = None) -> Tuple[int, int]:
+    """(kh, kw) of a conv weight (its last two dims), each in 1..maximum (or >= 1)."""
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    if min(kh, kw) < 1 or (maximum is not None and max(kh, kw) > maximum):
+        bound = ">= 1" if maximum is None else f"within 1..{maximum}"
+        raise ValueError(f"fastops.{op}: {name} kernel size must be {bound}, got {kh}x{kw} "
+                         f"(shape {tuple(weight.shape)})")
+    return kh, kw
+
+
+def positive_finite(op: str, name: str, v) -> float:
+    # bool is an int to isinstance, and inf / nan pass a plain `> 0` test; both would give garbage silently.
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"fastops.{op}: {name} must be a positive finite float, got {v!r}")
+    return float(v)
+
+
+def flag(op: str, name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"fastops.{op}: {name} must be a bool, got {v!r}")
+    return v
+
+
+def batch_norm_options(op: str, eps, training, momentum, eps_name: str = "eps") -> None:
+    """BatchNorm's scalars as every op with a BN takes them: eps positive and finite, training a bool, and
+    (training only, as F.batch_norm uses it only then) momentum in [0, 1]."""
+    positive_finite(op, eps_name, eps)
+    flag(op, "training", training)
+    if training and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                     or not 0.0 <= momentum <= 1.0):
+        raise ValueError(f"fastops.{op}: momentum must be a float in [0, 1], got {momentum!r}")
 
 
 def same_device_dtype(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor) -> None:

@@ -1,14 +1,37 @@
 """Fake-kernel and autograd registration shared by every op (the C++ op and its Triton twin alike)."""
+import functools
+
 import torch
 
 
 def register(fwd_name, bwd_name, fake_forward, fake_backward, make_backward, setup_context):
     """Registers the fake kernels of ``fastops::<fwd_name>`` / ``<bwd_name>`` and the forward's autograd,
-    whose backward calls the ``<bwd_name>`` op (``make_backward(bwd_op)`` builds it)."""
+    whose backward calls the ``<bwd_name>`` op (``make_backward(bwd_op)`` builds it).
+
+    ``<bwd_name>`` gets an autograd kernel too, whose own backward raises: without one, PyTorch only warns
+    and treats its outputs as constants, so a double backward (create_graph=True) would return zeros."""
     torch.library.register_fake(f"fastops::{fwd_name}")(fake_forward)
     torch.library.register_fake(f"fastops::{bwd_name}")(fake_backward)
     bwd_op = getattr(torch.ops.fastops, bwd_name)
-    torch.library.register_autograd(f"fastops::{fwd_name}", make_backward(bwd_op), setup_context=setup_context)
+    torch.library.register_autograd(f"fastops::{bwd_name}", _no_double_backward(fwd_name),
+                                    setup_context=_no_context)
+    # Through `call`: a first-order backward (grad mode off) then skips the Python autograd kernel above.
+    torch.library.register_autograd(f"fastops::{fwd_name}", make_backward(functools.partial(call, bwd_op)),
+                                    setup_context=setup_context)
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+def _no_double_backward(fwd_name):
+    op = fwd_name[:-len("_triton")] if fwd_name.endswith("_triton") else fwd_name
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fastops.{op}: gradients of gradients (double backward, create_graph=True) are not supported by "
+            f"fastops' kernels; FASTOPS_BACKEND=reference runs the differentiable plain-PyTorch reference")
+    return backward
 
 
 def call(op, *args):

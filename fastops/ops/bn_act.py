@@ -81,42 +81,49 @@ def bn_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch
         (N, C, H, W) in x's dtype and layout. Statistics and arithmetic in fp32 (fp64 for float64).
         Differentiable in x, weight, bias and residual (through the batch statistics in training mode).
     """
-    _checks.tensor(OP, "x", x, 4, shape_doc="(N, C, H, W)")
-    check_act(OP, act)
+    return _bn_act(OP, x, weight, bias, running_mean, running_var, eps, act, residual, training, momentum)
+
+
+def _bn_act(op: str, x, weight, bias, running_mean, running_var, eps, act, residual, training, momentum,
+            names: Optional[dict] = None) -> torch.Tensor:
+    """:func:`bn_act`, its errors naming ``fastops.<op>`` and, through ``names``, the caller's own argument
+    names (conv_bn_act's BN runs through here on its conv output)."""
+    names = names or {}
+    xn, wn, bn, rn = (names.get(k, k) for k in ("x", "weight", "bias", "residual"))
+    _checks.tensor(op, xn, x, 4, shape_doc="(N, C, H, W)")
+    check_act(op, act)
     if residual is not None:
-        _checks.tensor(OP, "residual", residual, 4, shape_doc="(N, C, H, W)")
+        _checks.tensor(op, rn, residual, 4, shape_doc="(N, C, H, W)")
     x, residual = _checks.autocast_inputs(x.device.type, x, residual)
+    # C = 0 runs on the cpu kernel but not through F.batch_norm (the reference): refused on every backend.
+    _checks.positive_dim(op, xn, x, 1, "C")
     C = x.shape[1]
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"fastops.{OP}: eps must be a positive float, got {eps!r}")
-    if not isinstance(training, bool):
-        raise TypeError(f"fastops.{OP}: training must be a bool, got {training!r}")
-    if training and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
-        raise ValueError(f"fastops.{OP}: momentum must be a float in [0, 1], got {momentum!r}")
-    w, b = channel_param(OP, "weight", weight, x, C), channel_param(OP, "bias", bias, x, C)
-    rm, rv = (channel_param(OP, "running_mean", running_mean, x, C),
-              channel_param(OP, "running_var", running_var, x, C))
+    _checks.batch_norm_options(op, eps, training, momentum)
+    w, b = channel_param(op, wn, weight, x, C), channel_param(op, bn, bias, x, C)
+    rm, rv = (channel_param(op, "running_mean", running_mean, x, C),
+              channel_param(op, "running_var", running_var, x, C))
     if not training and (rm is None or rv is None):
-        raise ValueError(f"fastops.{OP}: running_mean and running_var are required when training=False")
+        raise ValueError(f"fastops.{op}: running_mean and running_var are required when training=False")
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"fastops.{OP}: give both running_mean and running_var, or neither")
+        raise ValueError(f"fastops.{op}: give both running_mean and running_var, or neither")
     if residual is not None:
         if residual.shape != x.shape:
-            raise ValueError(f"fastops.{OP}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        _checks.same_device_dtype(OP, "x", x, "residual", residual)
-    count = x.numel() // max(C, 1)
+            raise ValueError(f"fastops.{op}: {rn} must have {xn}'s shape {tuple(x.shape)}, got "
+                             f"{tuple(residual.shape)}")
+        _checks.same_device_dtype(op, xn, x, rn, residual)
+    count = x.numel() // C
     if training and count <= 1:
-        raise ValueError(f"fastops.{OP}: training needs more than one value per channel (N * H * W > 1), "
-                         f"got x of shape {tuple(x.shape)}")
+        raise ValueError(f"fastops.{op}: training needs more than one value per channel (N * H * W > 1), "
+                         f"got {xn} of shape {tuple(x.shape)}")
     x = dense(x)
     if residual is not None:
         residual = as_layout_of(residual, x)
     backend = backends.choose(OP, x.device, x)
     if backend == "reference":
         return _ref.bn_act(x, weight, bias, running_mean, running_var, eps, act, residual, training, momentum)
-    op = torch.ops.fastops.bn_act_triton if backend == "triton" else torch.ops.fastops.bn_act
-    out, mean, var = _registration.call(op, x, w, b, None if training else rm, None if training else rv, residual,
-                                        float(eps), act, training)
+    kernel = torch.ops.fastops.bn_act_triton if backend == "triton" else torch.ops.fastops.bn_act
+    out, mean, var = _registration.call(kernel, x, w, b, None if training else rm, None if training else rv,
+                                        residual, float(eps), act, training)
     if training:
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return out

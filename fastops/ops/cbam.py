@@ -59,6 +59,7 @@ def cbam(
     _checks.tensor(OP, "x", x, 4, shape_doc="(N, C, H, W)")
     act = _ac.choice(OP, "act", act, _ac.ACTS)
     gate = _ac.choice(OP, "gate", gate, _ac.GATES)
+    _checks.batch_norm_options(OP, bn_eps, training, momentum, eps_name="bn_eps")
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias = _checks.autocast_inputs(
         x.device.type, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias)
     if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] * x.shape[3] == 0:
@@ -94,7 +95,7 @@ def cbam(
     # Eval normalises with the running stats; training with the batch stats the kernel computes.
     out, _, _, stats = _registration.call(fn, x, w1, b1, w2, b2, conv_weight.contiguous(), bn_weight, bn_bias,
                                           bn_running_mean.to(_ac.acc_dtype(x)), bn_running_var.to(_ac.acc_dtype(x)),
-                                          float(bn_eps), bool(training), act, gate)
+                                          float(bn_eps), training, act, gate)
     if training:
         with torch.no_grad():
             unbiased = stats[1] * (count / (count - 1))

@@ -9,7 +9,7 @@ from .. import _ext, backends
 from .. import reference as _ref
 from .._layout import memory_format_of
 from . import _checks, _registration
-from .bn_act import as_layout_of, bn_act, channel_param, check_act, dense
+from .bn_act import _bn_act, as_layout_of, channel_param, check_act, dense
 
 OP = "conv_bias_act"
 
@@ -17,6 +17,9 @@ OP = "conv_bias_act"
 def _conv_args(op, x, weight, stride, padding, dilation, groups):
     _checks.tensor(op, "x", x, 4, shape_doc="(N, C_in, H, W)")
     _checks.tensor(op, "weight", weight, 4, shape_doc="(C_out, C_in / groups, kh, kw)")
+    # Empty channel dims: the cpu kernel's backward and oneDNN / F.conv2d refuse or mishandle them.
+    _checks.positive_dim(op, "x", x, 1, "C_in")
+    _checks.positive_dim(op, "weight", weight, 0, "C_out")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"fastops.{op}: groups must be a positive int, got {groups!r}")
     cin, cout = x.shape[1], weight.shape[0]
@@ -28,7 +31,7 @@ def _conv_args(op, x, weight, stride, padding, dilation, groups):
                          f"({cout}, {cin // groups}, kh, kw), got {tuple(weight.shape)}")
     stride = _checks.pair(op, "stride", stride, 1)
     dilation = _checks.pair(op, "dilation", dilation, 1)
-    kh, kw = weight.shape[2], weight.shape[3]
+    kh, kw = _checks.kernel_size(op, "weight", weight)
     pad = _checks.conv_padding(op, padding, kh, kw, stride, dilation)
     _checks.dilated_kernel_fits(op, x, kh, kw, pad, dilation)
     return list(stride), pad, list(dilation)
@@ -131,6 +134,10 @@ def fold_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn_weight: Optio
     return w, b
 
 
+# bn_act's argument names as conv_bn_act calls them (its x is the conv output, whose shape residual must have).
+_BN_NAMES = {"x": "the output", "weight": "bn_weight", "bias": "bn_bias"}
+
+
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],
                 bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor], eps: float = 1e-5, stride=1, padding: Union[int, tuple, str] = 0,
@@ -160,11 +167,12 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         running statistics.
     """
     op = "conv_bn_act"
-    if not isinstance(training, bool):
-        raise TypeError(f"fastops.{op}: training must be a bool, got {training!r}")
+    _checks.tensor(op, "x", x, 4, shape_doc="(N, C_in, H, W)")
+    _checks.flag(op, "training", training)
     if training:
         y = _conv_bias_act(op, x, weight, bias, stride, padding, dilation, groups, "none", None)
-        return bn_act(y, bn_weight, bn_bias, running_mean, running_var, eps, act, residual, True, momentum)
+        return _bn_act(op, y, bn_weight, bn_bias, running_mean, running_var, eps, act, residual, True, momentum,
+                       names=_BN_NAMES)
     _checks.tensor(op, "weight", weight, 4, shape_doc="(C_out, C_in / groups, kh, kw)")
     cout = weight.shape[0]
     for name, t in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
@@ -173,8 +181,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             channel_param(op, name, t, weight, cout)
     if running_mean is None or running_var is None:
         raise ValueError(f"fastops.{op}: running_mean and running_var are required when training=False")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"fastops.{op}: eps must be a positive float, got {eps!r}")
+    _checks.positive_finite(op, "eps", eps)
     if torch.is_autocast_enabled(x.device.type):
         weight = _checks.autocast_inputs(x.device.type, weight)[0]
     w, b = fold_bn(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)

@@ -57,9 +57,9 @@ def depthwise_conv2d(
     if weight.shape[0] != C or weight.shape[1] != 1:
         raise ValueError(f"fastops.{OP}: weight must have shape (C, 1, kh, kw) with C = {C} (x.shape[1]), "
                          f"got {tuple(weight.shape)}")
-    kh, kw = weight.shape[2], weight.shape[3]
-    if not (1 <= kh <= MAX_KERNEL and 1 <= kw <= MAX_KERNEL):
-        raise ValueError(f"fastops.{OP}: weight kernel size must be within 1..{MAX_KERNEL}, got {kh}x{kw}")
+    # C = 0 runs on the cpu kernel but F.conv2d (the reference) refuses groups=0: refused on every backend.
+    _checks.positive_dim(OP, "x", x, 1, "C")
+    kh, kw = _checks.kernel_size(OP, "weight", weight, MAX_KERNEL)
     _checks.same_device_dtype(OP, "x", x, "weight", weight)
     if bias is not None:
         if bias.shape[0] != C:

@@ -1,5 +1,4 @@
 """fastops.spatial_reduction: the public function, its backends, fake kernels and autograd."""
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -66,12 +65,10 @@ def spatial_reduction(
     if H * W != N:
         raise ValueError(f"fastops.{OP}: feat_size {(H, W)} gives H * W = {H * W} tokens but x has N = {N} "
                          f"(x of shape {tuple(x.shape)})")
-    if not isinstance(linear, bool):
-        raise TypeError(f"fastops.{OP}: linear must be a bool, got {linear!r}")
+    _checks.flag(OP, "linear", linear)
     if not isinstance(sr_ratio, int) or isinstance(sr_ratio, bool) or sr_ratio < 1:
         raise ValueError(f"fastops.{OP}: sr_ratio must be a positive int, got {sr_ratio!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"fastops.{OP}: eps must be a positive finite float, got {eps!r}")
+    _checks.positive_finite(OP, "eps", eps)
     k = 1 if linear else sr_ratio
     if not linear and (H < k or W < k):
         raise ValueError(f"fastops.{OP}: feat_size {(H, W)} is smaller than sr_ratio={k}; the strided conv "

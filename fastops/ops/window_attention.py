@@ -69,9 +69,9 @@ def window_attention(
     B, H, W, C3 = qkv.shape
     if min(B, H, W) < 1:
         raise ValueError(f"fastops.{OP}: qkv must have B, H, W >= 1, got shape {tuple(qkv.shape)}")
-    if C3 % (3 * num_heads) != 0:
-        raise ValueError(f"fastops.{OP}: qkv's last dim must be 3 * C with C a multiple of num_heads={num_heads}, "
-                         f"got {C3}")
+    if C3 < 1 or C3 % (3 * num_heads) != 0:
+        raise ValueError(f"fastops.{OP}: qkv's last dim must be 3 * C with C a multiple of num_heads={num_heads} "
+                         f"and C >= 1, got {C3}")
     head_dim = C3 // (3 * num_heads)
     n = ws[0] * ws[1]
     if scale is None:

@@ -3,6 +3,7 @@ import torch.nn.functional as F
 
 from .._layout import memory_format_of
 from ._acts import ACTS, GATES
+from .bn_act import batch_norm
 
 
 def cbam(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias, bn_mean, bn_var,
@@ -18,5 +19,5 @@ def cbam(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, 
     x1 = x * ca[:, :, None, None]
     s = torch.cat([x1.mean(1, keepdim=True), x1.amax(1, keepdim=True)], 1)   # (N, 2, H, W)
     u = F.conv2d(s, conv_weight, None, 1, conv_weight.shape[-1] // 2)
-    v = F.batch_norm(u, bn_mean, bn_var, bn_weight, bn_bias, training, momentum, eps)
+    v = batch_norm(u, bn_mean, bn_var, bn_weight, bn_bias, training, momentum, eps)
     return (x1 * GATES[gate](v)).contiguous(memory_format=memory_format_of(x))

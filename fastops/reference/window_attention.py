@@ -49,7 +49,9 @@ def window_attention(qkv: torch.Tensor, num_heads: int, window_size: Tuple[int, 
         mask = shift_region_mask(hp, wp, window_size, shift_size, qkv.device).to(attn.dtype)
         nw = mask.shape[0]
         attn = (attn.view(-1, nw, num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(-1, num_heads, n, n)
-    attn = attn.softmax(dim=-1)
+    # A bias of another dtype (e.g. an fp32 table with fp16 qkv) promotes the scores; the probabilities then
+    # meet v in v's dtype, as in timm's path under autocast. A no-op when the dtypes agree.
+    attn = attn.softmax(dim=-1).to(v.dtype)
     o = (attn @ v).transpose(1, 2).reshape(-1, n, C)
     o = o.view(B, hp // wh, wp // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B, hp, wp, C)
     o = o[:, :H, :W, :]
