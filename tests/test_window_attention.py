@@ -338,3 +338,27 @@ def test_backend_size_limits_are_reported():
         assert "float32" in _triton_limits(qkv, 64, 49)            # fp32 keeps 3 tf32 parts on chip
         assert _triton_limits(qkv.half(), 64, 49) is None
         assert _triton_limits(qkv, 32, 49) is None                 # Swin-T's heads
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRET, reason="Triton interpreter is off (a GPU is present: see the gpu tests)"))])
+def test_peaked_softmax_gradients_as_accurate_as_autograd(backend):
+    """Large logits (|q.k| * scale ~ 100): the softmax rows are nearly one-hot and the true dS is tiny, so a
+    backward whose recomputed P sums to 1 only within the logits' rounding loses the q / k gradients; the
+    kernels must stay as close to the float64 truth as autograd through the fp32 reference does."""
+    g = torch.Generator().manual_seed(0)
+    qkv64 = torch.randn(2, 14, 14, 96, generator=g, dtype=torch.float64) * 20
+    go64 = torch.randn(2, 14, 14, 32, generator=g, dtype=torch.float64)
+
+    def grad(qkv, go, be):
+        qkv = qkv.clone().requires_grad_()
+        with fastops.use_backend(be):
+            y = fastops.window_attention(qkv, 4, 7, 3)
+        return torch.autograd.grad(y, qkv, go)[0].double()
+
+    skip_unless_runnable(OP, backend, qkv64.float(), 8, 49)
+    truth = grad(qkv64, go64, "reference")
+    err = lambda gq: ((gq - truth).abs().max() / truth.abs().max()).item()  # noqa: E731
+    ref_err = err(grad(qkv64.float(), go64.float(), "reference"))
+    got = err(grad(qkv64.float(), go64.float(), backend))
+    assert got <= 4 * ref_err + 1e-6, f"{backend}: {got:.2e} against autograd's {ref_err:.2e}"
