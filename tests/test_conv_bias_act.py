@@ -756,3 +756,22 @@ def test_forced_backend_that_cannot_run_says_why():
     args, kwargs = _good()
     with fastops.use_backend("cuda"), pytest.raises(backends.BackendUnavailable, match="needs CUDA tensors"):
         fastops.conv_bn_act(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRET, reason="interpreter off"))])
+@pytest.mark.parametrize("act", ["none", "silu"])
+def test_output_added_to_in_place_keeps_gradients(backend, act):
+    """Only relu / relu6 need the output in the backward; with other acts the output may be changed in place
+    before backward (timm's `x = bn3(conv3(x)); x += shortcut`), as with PyTorch's own conv."""
+    g = torch.Generator().manual_seed(0)
+    x0, w0 = torch.randn(2, 8, 9, 9, generator=g), torch.randn(16, 8, 1, 1, generator=g)
+    grads = {}
+    for be in (backend, "reference"):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with fastops.use_backend(be):
+            y = fastops.conv_bias_act(x, w, None, act=act)
+        y += 1.0
+        grads[be] = torch.autograd.grad(y.square().sum(), [x, w])
+    for got, want, what in zip(grads[backend], grads["reference"], ("grad_x", "grad_weight")):
+        assert_close(got, want, torch.float32, what, tol=1e-4)

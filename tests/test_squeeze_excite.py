@@ -272,3 +272,22 @@ def test_direct_op_call_checks_shapes():
 def test_forced_backend_that_cannot_run_says_why():
     with fastops.use_backend("cuda"), pytest.raises(backends.BackendUnavailable, match="needs CUDA tensors"):
         fastops.squeeze_excite(*_good())
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRET, reason="interpreter off"))])
+def test_output_added_to_in_place_keeps_gradients(backend):
+    """Without out_act the output is not needed by the backward, so it may be changed in place first
+    (SE-ResNet's `x = se(x); x += shortcut`)."""
+    g = torch.Generator().manual_seed(0)
+    x0, w10, w20 = (torch.randn(2, 16, 7, 7, generator=g), torch.randn(4, 16, generator=g),
+                    torch.randn(16, 4, generator=g))
+    grads = {}
+    for be in (backend, "reference"):
+        x, w1, w2 = (t.clone().requires_grad_() for t in (x0, w10, w20))
+        with fastops.use_backend(be):
+            y = fastops.squeeze_excite(x, w1, None, w2, None, "relu")
+        y += 1.0
+        grads[be] = torch.autograd.grad(y.square().sum(), [x, w1, w2])
+    for got, want, what in zip(grads[backend], grads["reference"], ("grad_x", "grad_fc1", "grad_fc2")):
+        assert_close(got, want, torch.float32, what, tol=1e-4)

@@ -218,15 +218,19 @@ def _fake_backward(grad_out, x, weight, bias, residual, out, stride, padding, di
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, stride, padding, dilation, groups, act = inputs
-    ctx.save_for_backward(x, weight, bias, residual, output)
+    # The backward reads the output only for relu / relu6's mask (none: act' = 1; others recompute z). Not
+    # saving it otherwise lets callers add to it in place, as timm's `x = bn3(conv3(x)); x += shortcut` does.
+    ctx.save_for_backward(x, weight, bias, residual, output if act in ("relu", "relu6") else None)
     ctx.conf = (stride, padding, dilation, groups, act)
 
 
 def _make_backward(backward_op):
     def backward(ctx, grad_out):
         x, weight, bias, residual, out = ctx.saved_tensors
-        gx, gw, gb, gr = backward_op(grad_out.contiguous(memory_format=memory_format_of(out)), x, weight, bias,
-                                     residual, out, *ctx.conf)
+        grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
+        # Without a saved output, grad_out (same shape and layout) stands in: its values are never read.
+        gx, gw, gb, gr = backward_op(grad_out, x, weight, bias, residual, grad_out if out is None else out,
+                                     *ctx.conf)
         need = ctx.needs_input_grad
         return (gx if need[0] else None, gw if need[1] else None, gb if bias is not None and need[2] else None,
                 gr if residual is not None and need[3] else None, None, None, None, None, None)

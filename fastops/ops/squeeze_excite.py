@@ -89,15 +89,18 @@ def _setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, residual, act, gate, out_act = inputs
     out, pooled = output
     ctx.mark_non_differentiable(pooled)
-    ctx.save_for_backward(x, out, pooled, w1, b1, w2, b2)
+    # The backward reads the output only for out_act="relu"'s mask. Not saving it otherwise lets callers add
+    # to it in place, as SE-ResNet's `x = se(x); x += shortcut` does.
+    ctx.save_for_backward(x, out if out_act == "relu" else None, pooled, w1, b1, w2, b2)
     ctx.conf = (residual is not None, act, gate, out_act)
 
 
 def _make_backward(backward_op):
     def backward(ctx, grad_out, _grad_pooled):
         x, out, pooled, w1, b1, w2, b2 = ctx.saved_tensors
-        grads = backward_op(grad_out.contiguous(memory_format=memory_format_of(x)), x, out, pooled,
-                            w1, b1, w2, b2, *ctx.conf)
+        # Without a saved output, x (same shape and layout) stands in: its values are not read then.
+        grads = backward_op(grad_out.contiguous(memory_format=memory_format_of(x)), x, x if out is None else out,
+                            pooled, w1, b1, w2, b2, *ctx.conf)
         gx, gw1, gb1, gw2, gb2, gr = grads
         need = ctx.needs_input_grad
         return (gx if need[0] else None, gw1 if need[1] else None, gb1 if b1 is not None and need[2] else None,
