@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "cpu/packed_weights.h"
 #include "cpu/simd.h"
 
 namespace fastops {
@@ -126,8 +127,22 @@ TORCH_LIBRARY(fastops, m) {
 
 }  // namespace fastops
 
-// Loading fastops._C from Python runs the static registrations above; the module itself is empty.
+// _keep_packed_weights(flag) -> the previous flag: whether the calls that follow in this thread may keep
+// packed weight copies between calls (cpu/packed_weights.h). A plain C function, not an op: it runs twice per
+// eager call, where an op dispatch would cost microseconds.
+static PyObject* keep_packed_weights(PyObject*, PyObject* flag) {
+  const int on = PyObject_IsTrue(flag);
+  if (on < 0) return nullptr;
+  bool& keep = fastops::PackedWeights::keep_flag();
+  const bool prev = keep;
+  keep = on != 0;
+  return PyBool_FromLong(prev);
+}
+
+// Loading fastops._C from Python runs the static registrations above; the module holds that one function.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {{"_keep_packed_weights", keep_packed_weights, METH_O, nullptr},
+                                  {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&def);
 }

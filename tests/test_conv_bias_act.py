@@ -775,3 +775,26 @@ def test_output_added_to_in_place_keeps_gradients(backend, act):
         grads[be] = torch.autograd.grad(y.square().sum(), [x, w])
     for got, want, what in zip(grads[backend], grads["reference"], ("grad_x", "grad_weight")):
         assert_close(got, want, torch.float32, what, tol=1e-4)
+
+
+def test_compiled_channels_last_chain_matches_eager():
+    """torch.compile's code reuses one buffer for both folded weights and writes it without a version bump: a
+    packed weight kept from the first conv must not serve the second (it did, rel. error ~1)."""
+    torch.manual_seed(0)
+    layers = [(torch.nn.Conv2d(16, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16).eval()) for _ in range(2)]
+    for _, bn in layers:
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+
+    def f(x):
+        for conv, bn in layers:
+            x = fastops.conv_bn_act(x, conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                    bn.eps, padding=1)
+        return x
+
+    x = torch.randn(1, 16, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), fastops.use_backend("cpu"):
+        want = f(x)
+        compiled = torch.compile(f, fullgraph=True)
+        for _ in range(2):  # the second call runs the cached compiled code
+            assert_close(compiled(x), want, torch.float32, "compiled output")

@@ -29,7 +29,16 @@ class PackedWeights {
     return *cache;
   }
 
-  static bool cacheable(const at::Tensor& w) { return !w.requires_grad() && !w.is_inference(); }
+  // Caching is on only inside fastops' own Python entry points (fastops.ops._registration.call turns it on
+  // around each eager call, in the calling thread). A direct call of the op, as torch.compile's generated
+  // code makes, packs afresh: Inductor reuses one buffer for several intermediate tensors (two folded conv
+  // weights in turn) and writes it without bumping any version counter, so a cached copy would go stale.
+  static bool& keep_flag() {
+    static thread_local bool keep = false;
+    return keep;
+  }
+
+  static bool cacheable(const at::Tensor& w) { return keep_flag() && !w.requires_grad() && !w.is_inference(); }
 
   // The packed copy of w for `key`, made by make() (a function returning the packed tensor) on a miss. Only
   // for weights that are cacheable(); make() runs under the cache's lock.

@@ -3,6 +3,11 @@ import functools
 
 import torch
 
+from .. import _ext
+
+if _ext.C_LOADED:
+    from .. import _C
+
 
 def register(fwd_name, bwd_name, fake_forward, fake_backward, make_backward, setup_context):
     """Registers the fake kernels of ``fastops::<fwd_name>`` / ``<bwd_name>`` and the forward's autograd,
@@ -37,9 +42,24 @@ def _no_double_backward(fwd_name):
 def call(op, *args):
     """``op(*args)``, skipping the autograd layer when no argument needs a gradient (grad mode off, or no
     tensor argument requiring grad): the autograd kernel that :func:`register` installs is Python, ~7 us a
-    call, which a batch-1 MobileNetV2 pays 52 times. Under torch.compile the plain call is traced."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+    call, which a batch-1 MobileNetV2 pays 52 times. Under torch.compile the plain call is traced.
+
+    Eager calls may keep packed copies of no-grad weights between calls (csrc/cpu/packed_weights.h); the
+    traced call, which compiled code makes directly, does not: there a weight may be a reused buffer."""
+    if torch.compiler.is_compiling():
         return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+    prev = _keep_packed(True)
+    try:
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return op(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    finally:
+        _keep_packed(prev)
+
+
+def _no_packed_weights(flag):
+    return False
+
+
+_keep_packed = _C._keep_packed_weights if _ext.C_LOADED else _no_packed_weights
