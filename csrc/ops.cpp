@@ -45,7 +45,8 @@ TORCH_LIBRARY(fastops, m) {
   // pooled (N, C) fp32 = mean_hw(x), kept for the backward.
   m.def("squeeze_excite(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
         "Tensor? residual, str act, str gate, str out_act) -> (Tensor out, Tensor pooled)");
-  // grad_residual is empty (numel 0) when has_residual is false.
+  // grad_residual is empty (numel 0) when has_residual is false. out's values are read only for
+  // out_act="relu" (its mask); the autograd passes x in its place otherwise.
   m.def("squeeze_excite_backward(Tensor grad_out, Tensor x, Tensor out, Tensor pooled, Tensor fc1_weight, "
         "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, bool has_residual, str act, str gate, "
         "str out_act) -> (Tensor grad_x, Tensor grad_fc1_weight, Tensor grad_fc1_bias, Tensor grad_fc2_weight, "
@@ -116,8 +117,8 @@ TORCH_LIBRARY(fastops, m) {
   // [top, left, bottom, right]; act as in bn_act. Accumulation in fp32.
   m.def("conv_bias_act(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[4] padding, "
         "int[2] dilation, int groups, str act) -> Tensor");
-  // out is the forward's output (relu / relu6 / none take act' from it; other acts recompute the
-  // pre-activation). grad_x, grad_weight and grad_residual in x's dtype (grad_residual empty without
+  // out: the forward's output, whose values are read only for relu / relu6 (act' from it); for none (act' = 1)
+  // the autograd passes grad_out in its place, and other acts recompute the pre-activation. grad_x, grad_weight and grad_residual in x's dtype (grad_residual empty without
   // residual); grad_bias fp32 (Cout,) (empty when bias is None).
   m.def("conv_bias_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? residual, "
         "Tensor out, int[2] stride, int[4] padding, int[2] dilation, int groups, str act) -> (Tensor grad_x, "

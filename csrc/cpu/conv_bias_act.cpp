@@ -7,8 +7,8 @@
 // cpu/gemm_kernels.h with bias, residual and activation applied to its accumulators. Other convolutions:
 // ATen's convolution as the dense core, then either oneDNN's fused post-ops (fp32, when available: no extra
 // pass over the output) or one in-place epilogue pass.
-// Backward: one pass for dz = grad_out * act'(z) (act' read from the output for none / relu / relu6,
-// else z recomputed) that also sums grad_bias, then the depthwise backward loops or
+// Backward: one pass for dz = grad_out * act'(z) (act' read from the output for relu / relu6, 1 for none,
+// whose `out` is a stand-in, else z recomputed) that also sums grad_bias, then the depthwise backward loops or
 // at::convolution_backward.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>

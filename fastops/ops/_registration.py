@@ -62,4 +62,5 @@ def _no_packed_weights(flag):
     return False
 
 
-_keep_packed = _C._keep_packed_weights if _ext.C_LOADED else _no_packed_weights
+# getattr: an extension built from older sources lacks the function; it then runs as if it had it off.
+_keep_packed = getattr(_C, "_keep_packed_weights", _no_packed_weights) if _ext.C_LOADED else _no_packed_weights
