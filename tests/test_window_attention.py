@@ -22,6 +22,7 @@ CASES = [
     (1, 9, 11, 1, 24, (4, 5), (2, 1), False, True),    # non-square window, shift in both dims
     (1, 10, 9, 2, 5, (3, 4), (1, 0), True, True),      # shift along H only, odd head_dim
     (3, 5, 6, 2, 16, (7, 7), (3, 3), True, True),      # window larger than the map
+    (2, 2, 3, 2, 8, (7, 7), (3, 5), True, True),       # shift larger than the map (timm's always_partition)
     (1, 7, 7, 4, 32, (7, 9), (0, 4), True, False),     # 7x9 window, shift along W only
 ]
 NAMES = ("output", "grad_qkv", "grad_rel_pos_bias", "grad_pad_qkv")
@@ -106,7 +107,7 @@ def test_cpu_streamed_output(case, monkeypatch):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton interpreter is off (a GPU is present: see the gpu tests)")
-@pytest.mark.parametrize("case", CASES[1:6], ids=_case_id)
+@pytest.mark.parametrize("case", CASES[1:7], ids=_case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_triton_interpreted(dtype, case):
     _check_all("triton", case, dtype, "cpu")

@@ -48,10 +48,9 @@ def _wa_tokens(i, b, wy, wx, N, H, W, WH, WW, SH, SW, HP, WP):
     py = wy * WH + ty
     px = wx * WW + tx
     real = (i < N) & (py < H) & (px < W)
-    oy = py + SH
-    oy = tl.where(oy >= H, oy - H, oy)
-    ox = px + SW
-    ox = tl.where(ox >= W, ox - W, ox)
+    # a modulo, not one subtraction: the shift may exceed a map smaller than the window
+    oy = (py + SH) % H
+    ox = (px + SW) % W
     tok = (b * H + oy.to(tl.int64)) * W + ox.to(tl.int64)
     # timm's regions per dimension: [0, P - win), [P - win, P - s), [P - s, P); a single region when s == 0
     rh = tl.where(py < HP - WH, 0, tl.where(py < HP - SH, 1, 2))
