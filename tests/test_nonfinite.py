@@ -59,16 +59,36 @@ def test_bn_act_eval_relu_keeps_nan(backend_dev, cl, act):
 
 @pytest.mark.parametrize("backend_dev", backend_params("squeeze_excite"))
 @pytest.mark.parametrize("out_act", ["none", "relu"])
-def test_squeeze_excite_relu_keeps_nan(backend_dev, out_act):
+@pytest.mark.parametrize("gate", ["sigmoid", "hard_sigmoid"])
+def test_squeeze_excite_relu_keeps_nan(backend_dev, out_act, gate):
     backend, dev = backend_dev
     x = _with_nan(2, 4, 5, 5).to(dev)
     w1, w2 = torch.randn(2, 4, device=dev), torch.randn(4, 2, device=dev)
     skip_unless_runnable("squeeze_excite", backend, x)
     with fastops.use_backend(backend):
-        out = fastops.squeeze_excite(x, w1, None, w2, None, "relu", out_act=out_act)
-    ref = R.squeeze_excite(x, w1, None, w2, None, "relu", out_act=out_act)
+        out = fastops.squeeze_excite(x, w1, None, w2, None, "relu", gate, out_act=out_act)
+    ref = R.squeeze_excite(x, w1, None, w2, None, "relu", gate, out_act=out_act)
     assert torch.isnan(ref[0]).all()  # the NaN reaches the whole sample through the pooled mean and the MLP
     _same_nonfinite(out, ref)
+
+
+@pytest.mark.parametrize("backend_dev", backend_params("cbam"))
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("gate", ["sigmoid", "hard_sigmoid"])
+def test_cbam_keeps_nan(backend_dev, cl, gate):
+    """Gates keep NaN (relu6(nan + 3) / 6 is nan) and the max poolings return it, as torch.amax does."""
+    backend, dev = backend_dev
+    x = _with_nan(2, 4, 5, 5, cl=cl).to(dev)
+    w1, w2, cw = torch.randn(2, 4, device=dev), torch.randn(4, 2, device=dev), torch.randn(1, 2, 3, 3, device=dev)
+    bn = [torch.ones(1, device=dev), torch.zeros(1, device=dev), torch.zeros(1, device=dev), torch.ones(1, device=dev)]
+    skip_unless_runnable("cbam", backend, x)
+    op = torch.ops.fastops.cbam_triton if backend == "triton" else torch.ops.fastops.cbam
+    out, pooled, spatial, _ = op(x, w1, None, w2, None, cw, *bn, 1e-5, False, "relu", gate)
+    ref = R.cbam(x, w1, None, w2, None, cw, *bn, gate=gate)
+    assert torch.isnan(ref[0]).all() and not torch.isnan(ref[1]).any()
+    _same_nonfinite(out, ref)
+    _same_nonfinite(pooled[:, 1], x.amax((2, 3)))
+    assert torch.isnan(pooled[0, 1, 1]) and torch.isnan(spatial[0]).all() and not torch.isnan(spatial[1]).any()
 
 
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])

@@ -45,8 +45,11 @@ CbamGeom check_args(const char* op, const at::Tensor& x, const at::Tensor& w1, c
   return {x.size(0), x.size(1), x.size(2), x.size(3), x.size(2) * x.size(3), K, K / 2, is_channels_last(x)};
 }
 
+// Maxima that return NaN when either value is NaN, as torch.amax does (a > b ? a : b would skip a NaN a).
 template <typename acc_t>
-inline acc_t vmax(acc_t a, acc_t b) { return a > b ? a : b; }
+inline acc_t vmax(acc_t a, acc_t b) { return a > b || a != a ? a : b; }
+template <typename V>
+inline V vmax_vec(V a, V b) { return (a > b) | (a != a) ? a : b; }
 
 // u[q - q0] for pixels [q0, q1) of one sample: the k x k conv (zero padding K/2) of the 2-channel map s (2, H, W).
 template <typename acc_t, typename out_t>
@@ -159,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
           for (; i + VR::N <= HW; i += VR::N) {
             const typename VR::V v = VR::load_from(p + i);
             s += v;
-            m = v > m ? v : m;
+            m = vmax_vec(v, m);
           }
           red_t ts = VR::sum(s), tm = lowest;
           for (int k = 0; k < VR::N; ++k) tm = vmax(tm, m[k]);
@@ -238,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
             for (; c + V::N <= end; c += V::N) {
               const typename V::V v = V::load_from(p + c) * V::load(can + c);
               s += v;
-              m = v > m ? v : m;
+              m = vmax_vec(v, m);
             }
             ts += V::sum(s);
           }

@@ -74,7 +74,7 @@ __device__ __forceinline__ float mul_x1(float x, float ca) { return __fmul_rn(x,
 
 // Gates (fp32): sigmoid or hard_sigmoid = relu6(z + 3) / 6, and their derivatives.
 __device__ __forceinline__ float gate_fwd(Act g, float z) {
-  if (g == Act::kHardSigmoid) return fminf(fmaxf(z + 3.f, 0.f), 6.f) / 6.f;
+  if (g == Act::kHardSigmoid) return hard_sigmoidf_(z);
   return 1.f / (1.f + __expf(-z));
 }
 

@@ -19,6 +19,12 @@ namespace attn_cuda {
 
 enum class Act : int { kNone = 0, kRelu = 1, kSilu = 2, kGelu = 3, kSigmoid = 4, kHardSigmoid = 5 };
 
+// relu6(z + 3) / 6 written so that NaN stays NaN, as in torch (fmaxf / fminf would turn it into 0 / 6).
+__device__ __forceinline__ float hard_sigmoidf_(float z) {
+  const float t = z + 3.f;
+  return (t < 0.f ? 0.f : t > 6.f ? 6.f : t) / 6.f;
+}
+
 // arg is "act" (relu|silu|gelu), "gate" (sigmoid|hard_sigmoid) or "out_act" (none|relu).
 Act parse_act(std::string_view name, const char* op, std::string_view arg);
 

@@ -77,7 +77,7 @@ __device__ __forceinline__ float act_fwd(Act a, float z) {
     case Act::kSilu: return z * sigmoidf_(z);
     case Act::kGelu: return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
     case Act::kSigmoid: return sigmoidf_(z);
-    case Act::kHardSigmoid: return fminf(fmaxf(z + 3.f, 0.f), 6.f) / 6.f;
+    case Act::kHardSigmoid: return hard_sigmoidf_(z);
     default: return z;
   }
 }

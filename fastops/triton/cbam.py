@@ -40,7 +40,14 @@ def _gate_fn(v, GATE: tl.constexpr):
     if GATE == 0:
         return 1.0 / (1.0 + tl.exp(-v))
     else:
-        return tl.minimum(tl.maximum(v + 3.0, 0.0), 6.0) / 6.0
+        t = v + 3.0
+        return tl.where(t < 0.0, 0.0, tl.where(t > 6.0, 6.0, t)) / 6.0  # NaN stays NaN, as F.relu6
+
+
+@triton.jit
+def _nanmax(a, b):
+    # tl.maximum / tl.max skip NaN by default; torch.amax (the reference) returns NaN
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -75,10 +82,10 @@ def _cbam_pool_kernel(
         ok = (p < HW)[:, None] & c_ok[None, :]
         xv = tl.load(base + p.to(tl.int64)[:, None] * sp, mask=ok, other=0.0).to(tl.float32)
         acc_s += xv
-        acc_m = tl.maximum(acc_m, tl.where(ok, xv, float("-inf")))
+        acc_m = _nanmax(acc_m, tl.where(ok, xv, float("-inf")))
     o = pid.to(tl.int64) * C + c
     tl.store(psum_ptr + o, tl.sum(acc_s, axis=0), mask=c_ok)
-    tl.store(pmax_ptr + o, tl.max(acc_m, axis=0), mask=c_ok)
+    tl.store(pmax_ptr + o, tl.reduce(acc_m, 0, _nanmax), mask=c_ok)
 
 
 @triton.jit
@@ -105,10 +112,10 @@ def _cbam_chanpool_kernel(
         xv = tl.load(x_ptr + pofs + c.to(tl.int64)[None, :] * sc, mask=ok, other=0.0).to(tl.float32)
         x1 = xv * ca[None, :]
         acc_s += x1
-        acc_m = tl.maximum(acc_m, tl.where(ok, x1, float("-inf")))
+        acc_m = _nanmax(acc_m, tl.where(ok, x1, float("-inf")))
     s_off = n * 2 * HW + p
     tl.store(s_ptr + s_off, tl.sum(acc_s, axis=1) / C, mask=p_ok)
-    tl.store(s_ptr + s_off + HW, tl.max(acc_m, axis=1), mask=p_ok)
+    tl.store(s_ptr + s_off + HW, tl.reduce(acc_m, 1, _nanmax), mask=p_ok)
 
 
 @triton.jit
@@ -258,11 +265,11 @@ def _cbam_bwd_ds_kernel(
 @triton.jit
 def _cbam_bwd_convw_kernel(
     dv_ptr, vhat_ptr, dup_ptr, s_ptr, part_ptr,
-    N, H, W, K, CHUNK,
+    M, H, W, K, CHUNK,
     BLOCK_S: tl.constexpr,
 ):
     # Program (tap, split): part[split, tap] = sum over the split's (n, h, w) of du * s[n, j, h+a-K//2, w+b-K//2],
-    # tap = (j * K + a) * K + b.
+    # tap = (j * K + a) * K + b. M = N * H * W from the host (an int64 when it needs one).
     tap = tl.program_id(0)
     split = tl.program_id(1)
     KK = K * K
@@ -271,7 +278,6 @@ def _cbam_bwd_convw_kernel(
     b = tap % K
     R = K // 2
     HW = H * W
-    M = N * HW
     coef = tl.load(dup_ptr)
     m1 = tl.load(dup_ptr + 1)
     m2 = tl.load(dup_ptr + 2)
@@ -498,7 +504,7 @@ def _launch_backward(grad_out, x, pooled, spatial, stats, w1, b1, w2, b2, conv_w
     wchunk = triton.cdiv(triton.cdiv(M, BLOCK_S), wsplits) * BLOCK_S
     wsplits = triton.cdiv(M, wchunk)
     wpart = torch.empty((wsplits, 2 * K * K), **f32)
-    _cbam_bwd_convw_kernel[(2 * K * K, wsplits)](dv, vhat, dup, spatial, wpart, N, H, W, K, wchunk,
+    _cbam_bwd_convw_kernel[(2 * K * K, wsplits)](dv, vhat, dup, spatial, wpart, M, H, W, K, wchunk,
                                                  BLOCK_S=BLOCK_S)
     gcw = wpart.sum(0).reshape(conv_w.shape)
 

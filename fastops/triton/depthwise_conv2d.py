@@ -105,7 +105,7 @@ def _dw_bwd_input_kernel(
 @triton.jit
 def _dw_bwd_weight_kernel(
     go_ptr, x_ptr, part_ptr,
-    N, C, H, W, OH, OW, KH, KW,
+    M, C, H, W, OH, OW, KH, KW,
     SH, SW, PT, PL, DH, DW,
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
@@ -113,7 +113,8 @@ def _dw_bwd_weight_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Program (tap, c-block, split): partial[split, tap, c] = sum over this split's output positions of
-    # grad_out * x at that tap. tap == KH*KW is the bias: the plain sum of grad_out.
+    # grad_out * x at that tap. tap == KH*KW is the bias: the plain sum of grad_out. M = N * OH * OW comes from
+    # the host, as an int64 when it needs one (a product of int32 arguments here could wrap).
     tap = tl.program_id(0)
     pid_c = tl.program_id(1)
     split = tl.program_id(2)
@@ -123,7 +124,6 @@ def _dw_bwd_weight_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     c64 = c.to(tl.int64)
-    M = N * OH * OW
     start = split.to(tl.int64) * CHUNK
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for m0 in range(0, CHUNK, BLOCK_P):
@@ -201,7 +201,7 @@ def _launch_backward(grad_output, x, weight, stride, padding, dilation):
     splits = max(1, triton.cdiv(M, chunk))
     part = torch.empty((splits, KH * KW + 1, C), dtype=torch.float32, device=x.device)
     grid = (KH * KW + 1, triton.cdiv(C, BC), splits)
-    _dw_bwd_weight_kernel[grid](grad_output, x, part, N, C, H, W, OH, OW, KH, KW, *geom,
+    _dw_bwd_weight_kernel[grid](grad_output, x, part, M, C, H, W, OH, OW, KH, KW, *geom,
                                 *grad_output.stride(), *x.stride(), chunk, BLOCK_P=BP, BLOCK_C=BC)
     sums = part.sum(0)  # (KH*KW + 1, C): the last reduction across splits
     gw = sums[: KH * KW].t().reshape(C, 1, KH, KW).to(weight.dtype)
