@@ -223,15 +223,19 @@ def test_torch_compile_fullgraph(backend):
     check_compile_fullgraph(backend, f, run, NAMES[:1] + NAMES[1:] + ("running_mean", "running_var"))
 
 
-def test_autocast_cpu_bf16():
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16], ids=str)
+def test_autocast_cpu_bf16(xdt):
+    """autocast leaves batch_norm in its input's dtype: a bf16 x gives bf16, an fp32 x fp32 (it was cast to
+    bf16: values past fp16's range became inf under fp16 autocast, and NaN running stats in training)."""
     tensors, stats, act = _case(CASES[0], torch.float32)
     x, w, b, _ = tensors
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = fastops.bn_act(x.bfloat16(), w, b, stats[0], stats[1], 1e-5, act)
-    assert y.dtype == torch.bfloat16
-    ref = torch.relu(torch.nn.functional.batch_norm(x.bfloat16().double(), stats[0].double(), stats[1].double(),
+        y = fastops.bn_act(x.to(xdt), w, b, stats[0], stats[1], 1e-5, act)
+        want = torch.nn.functional.batch_norm(x.to(xdt), stats[0], stats[1], w, b, False, 0.1, 1e-5)
+    assert y.dtype == xdt == want.dtype
+    ref = torch.relu(torch.nn.functional.batch_norm(x.to(xdt).double(), stats[0].double(), stats[1].double(),
                                                     w.double(), b.double(), False, 0.1, 1e-5))
-    assert_close(y, ref, torch.bfloat16)
+    assert_close(y, ref, xdt)
 
 
 # Bad inputs: each raises an error that names the argument. ------------------------------------------

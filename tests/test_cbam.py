@@ -258,6 +258,7 @@ def _with(i, v):
     (_with(5, torch.randn(1, 1, 7, 7)), {}, ValueError, "conv_weight must have shape"),
     (_with(5, torch.randn(1, 2, 7, 7).double()), {}, TypeError, "conv_weight has dtype torch.float64"),
     (_with(6, torch.ones(2)), {}, ValueError, "bn_weight must have shape"),
+    (_with(7, torch.zeros(1, dtype=torch.int64)), {}, TypeError, "bn_bias must have a floating dtype"),
     (_with(9, torch.ones(1, device="meta")), {}, ValueError, "bn_running_var is on meta"),
     (_good(), dict(act="tanh"), ValueError, "act must be one of"),
     (_good(), dict(gate="relu"), ValueError, "gate must be one of"),
@@ -296,11 +297,15 @@ def test_forced_backend_that_cannot_run_says_why():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("training", [False, True])
-def test_reference_backend_takes_fp32_running_stats(dtype, training):
-    """Running stats in fp32 with fp16 / bf16 / fp64 x (the op casts them for the kernels): the reference
-    backend (forced, or the fallback without fastops._C) accepts them too and agrees with cpu."""
+@pytest.mark.parametrize("fp32_bn", [False, True], ids=["bn-like-x", "bn-fp32"])
+def test_reference_backend_takes_fp32_running_stats(dtype, training, fp32_bn):
+    """Running stats in fp32 with fp16 / bf16 / fp64 x (the op casts them for the kernels), and with fp32_bn
+    the BN's weight and bias too (a model whose BN layers are kept in fp32, which F.batch_norm accepts): the
+    cpu and reference backends (forced, or the fallback without fastops._C) accept them and agree."""
     torch.manual_seed(3)
     a = [None if t is None else t.to(dtype) for t in _good()[:8]]
+    if fp32_bn:
+        a[6], a[7] = a[6].float(), a[7].float()
     skip_unless_runnable(OP, "cpu", a[0])
     tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-5}[dtype]
     out = {}
@@ -314,9 +319,25 @@ def test_reference_backend_takes_fp32_running_stats(dtype, training):
     for got, want, what in zip(out["cpu"], out["reference"], ("output", "grad_x", "grad_bn_weight", "running_mean",
                                                                 "running_var")):
         assert got.dtype == want.dtype, what
+        if what == "grad_bn_weight":
+            assert got.dtype == a[6].dtype
         # The reference's backward rounds every step to bf16 (the kernels accumulate in fp32): ~10% apart.
         if not (dtype == torch.bfloat16 and what.startswith("grad")):
             assert_close(got, want, dtype, what, tol=tol)
+
+
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16], ids=str)
+def test_autocast_cpu_bf16(xdt):
+    """Under autocast x keeps its dtype and so does the output, as with timm's CbamModule (whose output is
+    x * gates): a bf16 x (a conv's output) runs with the fp32 parameters cast to bf16, an fp32 x in fp32."""
+    a = _good()
+    a[0] = a[0].to(xdt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fastops.cbam(*a)
+    assert y.dtype == xdt
+    with fastops.use_backend("reference"):
+        ref = fastops.cbam(*(None if t is None else t.double() for t in a))
+    assert_close(y, ref, xdt)
 
 
 def test_double_backward_raises():

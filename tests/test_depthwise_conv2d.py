@@ -313,6 +313,16 @@ def test_autocast_cpu_bf16():
     assert conv.weight.grad is not None and conv.weight.grad.dtype == torch.float32
 
 
+def test_autocast_leaves_float64_alone():
+    """autocast never casts float64 (F.conv2d stays float64 inside it), so neither do fastops' ops."""
+    x, w = torch.randn(2, 8, 6, 6, dtype=torch.float64), torch.randn(8, 1, 3, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fastops.depthwise_conv2d(x, w, padding=1)
+        ref = F.conv2d(x, w, None, 1, 1, 1, 8)
+    assert y.dtype == torch.float64 == ref.dtype
+    assert_close(y, ref, torch.float64)
+
+
 # Bad inputs: each raises an error that names the argument. ------------------------------------------
 
 def _good():

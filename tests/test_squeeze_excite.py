@@ -220,15 +220,20 @@ def test_torch_compile_fullgraph(backend):
     check_compile_fullgraph(backend, f, run, NAMES)
 
 
-def test_autocast_cpu_bf16():
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16], ids=str)
+def test_autocast_cpu_bf16(xdt):
+    """Under autocast x keeps its dtype and so does the output, as with timm's SEModule (x * gate): a bf16 x
+    (a conv's output) runs with the fp32 parameters and an fp32 residual cast to bf16, an fp32 x in fp32."""
     tensors, opts = _case((2, 16, 6, 6, 4), torch.float32, "contiguous", CONFIGS[0])
     x, w1, b1, w2, b2, _ = tensors
+    r = torch.randn_like(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = fastops.squeeze_excite(x, w1, b1, w2, b2, **opts)
-    assert y.dtype == torch.bfloat16
+        y = fastops.squeeze_excite(x.to(xdt), w1, b1, w2, b2, residual=r, **opts)
+    assert y.dtype == xdt
     with fastops.use_backend("reference"):
-        ref = fastops.squeeze_excite(*(t.double() for t in (x, w1, b1, w2, b2)), **opts)
-    assert_close(y, ref, torch.bfloat16)
+        ref = fastops.squeeze_excite(*(t.double() for t in (x.to(xdt), w1, b1, w2, b2)), residual=r.to(xdt).double(),
+                                     **opts)
+    assert_close(y, ref, xdt)
 
 
 # Bad inputs: each raises an error that names the argument. ------------------------------------------

@@ -38,9 +38,13 @@ CbamGeom check_args(const char* op, const at::Tensor& x, const at::Tensor& w1, c
                   conv_w.size(2) % 2 == 1,
               op, ": conv_weight must be (1, 2, k, k) with odd k, got ", conv_w.sizes());
   TORCH_CHECK(bn_w.numel() == 1 && bn_b.numel() == 1, op, ": bn_weight and bn_bias must have one element");
-  for (const auto* t : {&conv_w, &bn_w, &bn_b})
-    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(), op,
-                ": conv_weight, bn_weight and bn_bias must match x's dtype and device");
+  TORCH_CHECK(conv_w.scalar_type() == x.scalar_type() && conv_w.device() == x.device(), op,
+              ": conv_weight must match x's dtype and device");
+  // The BN scalars are read as doubles: x's dtype or the accumulation dtype (fp32 BN next to a half x).
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const auto* t : {&bn_w, &bn_b})
+    TORCH_CHECK((t->scalar_type() == x.scalar_type() || t->scalar_type() == acc) && t->device() == x.device(), op,
+                ": bn_weight and bn_bias must be on x's device, in x's dtype or ", acc);
   const int64_t K = conv_w.size(2);
   return {x.size(0), x.size(1), x.size(2), x.size(3), x.size(2) * x.size(3), K, K / 2, is_channels_last(x)};
 }

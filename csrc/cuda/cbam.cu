@@ -976,8 +976,15 @@ int64_t check_cbam_args(const char* op, const at::Tensor& x, const at::Tensor& w
   check_same(op, "conv_weight", conv_w, x);
   TORCH_CHECK(bn_w.numel() == 1, "fastops.", op, ": bn_weight must have one element, got ", bn_w.sizes());
   TORCH_CHECK(bn_b.numel() == 1, "fastops.", op, ": bn_bias must have one element, got ", bn_b.sizes());
-  check_same(op, "bn_weight", bn_w, x);
-  check_same(op, "bn_bias", bn_b, x);
+  // The BN scalars are converted to fp32 on the host side: x's dtype or fp32 (fp32 BN next to a half x).
+  const auto check_bn = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat, "fastops.", op, ": ", name,
+                " must be of x's dtype or float32, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), "fastops.", op, ": ", name, " is on ", t.device(), " but x is on ",
+                x.device());
+  };
+  check_bn("bn_weight", bn_w);
+  check_bn("bn_bias", bn_b);
   return conv_w.size(2);
 }
 

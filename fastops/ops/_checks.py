@@ -85,11 +85,29 @@ def pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
     return int(v[0]), int(v[1])
 
 
+def _autocasting(device_type: str) -> bool:
+    return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+
+
+def _cast(tensors, dt):
+    # autocast never casts float64 (torch's own ops keep it)
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
 def autocast_inputs(device_type: str, *tensors):
     """Under torch.autocast, run in the autocast dtype like conv2d does (parameters are usually fp32)."""
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        dt = torch.get_autocast_dtype(device_type)
-        return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
+    if _autocasting(device_type):
+        return _cast(tensors, torch.get_autocast_dtype(device_type))
+    return tensors
+
+
+def autocast_to_x(device_type: str, x: torch.Tensor, *tensors):
+    """Under torch.autocast, for the ops autocast leaves in their input's dtype (batch_norm; SE and CBAM,
+    whose timm modules end in ``x * gate``, so their output has x's dtype): x is left as it is and the other
+    tensors (fp32 parameters next to a half activation, a shortcut of another dtype) are cast to x's dtype."""
+    if _autocasting(device_type) and x.dtype != torch.float64:
+        return _cast(tensors, x.dtype)
     return tensors
 
 

@@ -94,7 +94,7 @@ def _bn_act(op: str, x, weight, bias, running_mean, running_var, eps, act, resid
     check_act(op, act)
     if residual is not None:
         _checks.tensor(op, rn, residual, 4, shape_doc="(N, C, H, W)")
-    x, residual = _checks.autocast_inputs(x.device.type, x, residual)
+    (residual,) = _checks.autocast_to_x(x.device.type, x, residual)
     # C = 0 runs on the cpu kernel but not through F.batch_norm (the reference): refused on every backend.
     _checks.positive_dim(op, xn, x, 1, "C")
     C = x.shape[1]

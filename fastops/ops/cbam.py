@@ -60,8 +60,8 @@ def cbam(
     act = _ac.choice(OP, "act", act, _ac.ACTS)
     gate = _ac.choice(OP, "gate", gate, _ac.GATES)
     _checks.batch_norm_options(OP, bn_eps, training, momentum, eps_name="bn_eps")
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias = _checks.autocast_inputs(
-        x.device.type, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias)
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight = _checks.autocast_to_x(
+        x.device.type, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight)
     if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] * x.shape[3] == 0:
         raise ValueError(f"fastops.{OP}: x must have N, C >= 1 and H * W >= 1, got shape {tuple(x.shape)}")
     x = _ac.dense(x)
@@ -72,17 +72,16 @@ def cbam(
         raise ValueError(f"fastops.{OP}: conv_weight must have shape (1, 2, k, k) with odd k <= "
                          f"{MAX_SPATIAL_KERNEL}, got {tuple(conv_weight.shape)}")
     _checks.same_device_dtype(OP, "x", x, "conv_weight", conv_weight)
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
-        _checks.tensor(OP, name, t, 1, shape_doc="(1,)")
-        if t.shape[0] != 1:
-            raise ValueError(f"fastops.{OP}: {name} must have shape (1,), got {tuple(t.shape)}")
-        _checks.same_device_dtype(OP, "x", x, name, t)
-    for name, t in (("bn_running_mean", bn_running_mean), ("bn_running_var", bn_running_var)):
+    # The BN's four scalars may have any float dtype (as F.batch_norm's: fp32 next to a half x when a model's
+    # BN layers are kept in fp32); the kernels take them in the accumulation dtype.
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("bn_running_mean", bn_running_mean),
+                    ("bn_running_var", bn_running_var)):
         _checks.tensor(OP, name, t, 1, shape_doc="(1,)")
         if t.shape[0] != 1:
             raise ValueError(f"fastops.{OP}: {name} must have shape (1,), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"fastops.{OP}: {name} is on {t.device} but x is on {x.device}; expected both on one device")
+    bn_w, bn_b = bn_weight.to(_ac.acc_dtype(x)), bn_bias.to(_ac.acc_dtype(x))
     count = x.shape[0] * x.shape[2] * x.shape[3]
     if training and count < 2:
         raise ValueError(f"fastops.{OP}: training needs more than one value per BN channel (N * H * W >= 2), "
@@ -93,7 +92,7 @@ def cbam(
                          bn_eps, training, momentum, act, gate)
     fn = torch.ops.fastops.cbam_triton if backend == "triton" else torch.ops.fastops.cbam
     # Eval normalises with the running stats; training with the batch stats the kernel computes.
-    out, _, _, stats = _registration.call(fn, x, w1, b1, w2, b2, conv_weight.contiguous(), bn_weight, bn_bias,
+    out, _, _, stats = _registration.call(fn, x, w1, b1, w2, b2, conv_weight.contiguous(), bn_w, bn_b,
                                           bn_running_mean.to(_ac.acc_dtype(x)), bn_running_var.to(_ac.acc_dtype(x)),
                                           float(bn_eps), training, act, gate)
     if training:

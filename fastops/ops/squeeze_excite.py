@@ -50,7 +50,7 @@ def squeeze_excite(
     act = _ac.choice(OP, "act", act, _ac.ACTS)
     gate = _ac.choice(OP, "gate", gate, _ac.GATES)
     out_act = _ac.choice(OP, "out_act", out_act, _ac.OUT_ACTS)
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual = _checks.autocast_inputs(
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual = _checks.autocast_to_x(
         x.device.type, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
     if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] * x.shape[3] == 0:
         raise ValueError(f"fastops.{OP}: x must have N, C >= 1 and H * W >= 1, got shape {tuple(x.shape)}")
