@@ -75,6 +75,7 @@ def test_squeeze_excite_relu_keeps_nan(backend_dev, out_act, gate):
 @pytest.mark.parametrize("backend_dev", backend_params("cbam"))
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("gate", ["sigmoid", "hard_sigmoid"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf in the interpreter
 def test_cbam_keeps_nan(backend_dev, cl, gate):
     """Gates keep NaN (relu6(nan + 3) / 6 is nan) and the max poolings return it, as torch.amax does."""
     backend, dev = backend_dev
@@ -89,6 +90,12 @@ def test_cbam_keeps_nan(backend_dev, cl, gate):
     _same_nonfinite(out, ref)
     _same_nonfinite(pooled[:, 1], x.amax((2, 3)))
     assert torch.isnan(pooled[0, 1, 1]) and torch.isnan(spatial[0]).all() and not torch.isnan(spatial[1]).any()
+    # +inf and -inf in one channel: its mean is NaN but its max is inf (NaN only where a value is)
+    x2 = x.clone()
+    x2[0, 1, 2, 3], x2[0, 1, 0, 0] = float("inf"), float("-inf")
+    pooled2 = op(x2, w1, None, w2, None, cw, *bn, 1e-5, False, "relu", gate)[1]
+    _same_nonfinite(pooled2[:, 1], x2.amax((2, 3)))
+    assert torch.isnan(pooled2[0, 0, 1]) and pooled2[0, 1, 1] == float("inf")
 
 
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])

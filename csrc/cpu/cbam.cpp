@@ -12,6 +12,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 
 #include "cpu/channel_attn.h"
@@ -49,11 +50,19 @@ CbamGeom check_args(const char* op, const at::Tensor& x, const at::Tensor& w1, c
   return {x.size(0), x.size(1), x.size(2), x.size(3), x.size(2) * x.size(3), K, K / 2, is_channels_last(x)};
 }
 
-// Maxima that return NaN when either value is NaN, as torch.amax does (a > b ? a : b would skip a NaN a).
 template <typename acc_t>
-inline acc_t vmax(acc_t a, acc_t b) { return a > b || a != a ? a : b; }
-template <typename V>
-inline V vmax_vec(V a, V b) { return (a > b) | (a != a) ? a : b; }
+inline acc_t vmax(acc_t a, acc_t b) { return a > b ? a : b; }
+
+// The maxima skip NaN (a NaN-propagating compare in the hot loops cost up to 2x); torch.amax returns NaN. The
+// sums over the same values are NaN whenever one of them is, so where a sum is NaN the values are scanned
+// again and the max made NaN if one of them is (an inf + -inf sum finds none and keeps the max).
+template <typename acc_t, typename ValueAt>
+inline acc_t nan_if_any(acc_t mx, double sum, int64_t n, ValueAt value_at) {
+  if (!std::isnan(sum)) return mx;
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isnan(value_at(i))) return std::numeric_limits<acc_t>::quiet_NaN();
+  return mx;
+}
 
 // u[q - q0] for pixels [q0, q1) of one sample: the k x k conv (zero padding K/2) of the 2-channel map s (2, H, W).
 template <typename acc_t, typename out_t>
@@ -166,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
           for (; i + VR::N <= HW; i += VR::N) {
             const typename VR::V v = VR::load_from(p + i);
             s += v;
-            m = vmax_vec(v, m);
+            m = v > m ? v : m;
           }
           red_t ts = VR::sum(s), tm = lowest;
           for (int k = 0; k < VR::N; ++k) tm = vmax(tm, m[k]);
@@ -176,7 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
             tm = vmax(tm, v);
           }
           avg[c] = static_cast<acc_t>(ts / HW);
-          mx[c] = static_cast<acc_t>(tm);  // exact: the max of values that came from scalar_t
+          // exact: the max of values that came from scalar_t
+          mx[c] = nan_if_any(static_cast<acc_t>(tm), ts, HW, [p](int64_t i) { return static_cast<acc_t>(p[i]); });
         }
       } else {
         std::vector<red_t> sums(c1 - c0, red_t(0));
@@ -189,7 +199,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
             mx[c] = vmax(mx[c], v);
           }
         }
-        for (int64_t c = c0; c < c1; ++c) avg[c] = static_cast<acc_t>(sums[c - c0] / HW);
+        for (int64_t c = c0; c < c1; ++c) {
+          avg[c] = static_cast<acc_t>(sums[c - c0] / HW);
+          mx[c] = nan_if_any(mx[c], sums[c - c0], HW,
+                             [xs, c, C](int64_t q) { return static_cast<acc_t>(xs[q * C + c]); });
+        }
       }
     });
     // 2. the channel gate of samples [n0, n1): their avg and max branches as one batch, the weights read once
@@ -230,7 +244,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
             s1[q] = vmax(s1[q], v);
           }
         }
-        for (int64_t q = q0; q < q1; ++q) s0[q] = static_cast<acc_t>(sum[q - q0] / C);
+        for (int64_t q = q0; q < q1; ++q) {
+          s0[q] = static_cast<acc_t>(sum[q - q0] / C);
+          s1[q] = nan_if_any(s1[q], sum[q - q0], C, [xs, can, q, HW](int64_t c) {
+            return static_cast<acc_t>(xs[c * HW + q]) * can[c];
+          });
+        }
       } else {
         // fp32 lanes summed over blocks of kBlock channels, the blocks summed in double (see red_t)
         constexpr int64_t kBlock = 16 * V::N;
@@ -245,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
             for (; c + V::N <= end; c += V::N) {
               const typename V::V v = V::load_from(p + c) * V::load(can + c);
               s += v;
-              m = vmax_vec(v, m);
+              m = v > m ? v : m;
             }
             ts += V::sum(s);
           }
@@ -257,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
             tm = vmax(tm, v);
           }
           s0[q] = static_cast<acc_t>(ts / C);
-          s1[q] = tm;
+          s1[q] = nan_if_any(tm, ts, C, [p, can](int64_t c) { return static_cast<acc_t>(p[c]) * can[c]; });
         }
       }
     });
