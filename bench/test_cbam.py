@@ -11,15 +11,16 @@ Cases are named ``cbam_resnet50.layerN.se-c<C>h<H>.<bn>``: ``fwd`` cases run the
 normalises with its running stats, ``.eval``), ``fwd+bwd`` cases in train mode (BN uses the batch statistics
 of the conv output and updates the running stats, ``.train``), as inference and training do.
 
-``eager`` is fastops.reference.cbam (timm's CbamModule code path, step by step), ``compile`` is torch.compile of
-it, and every fastops backend is timed through ``fastops.cbam``. Layouts ``nchw`` (contiguous) and ``nhwc``
+``eager`` is timm's own code path (``CbamModule.forward``, from bench/baselines.py: its 1x1 conv fc layers, the
+spatial conv and BatchNorm2d, with the case's weights), ``compile`` is torch.compile of it, and every fastops
+backend is timed through ``fastops.cbam``. Layouts ``nchw`` (contiguous) and ``nhwc``
 (torch.channels_last); ``fwd+bwd`` takes gradients of x, fc1 / fc2 weights, the spatial conv weight and the BN
 weight and bias.
 """
 import torch
 
 import fastops
-from fastops.reference import cbam as reference
+from baselines import timm_cbam
 from roofline import MODES, Case, add_summary, geomean, op_providers, parametrize
 
 OP = "cbam"
@@ -84,8 +85,8 @@ def _case(stage, modules, C, H, R, layout, mode):
             return torch.randn(*shape, device=device, dtype=DTYPE)
 
         x = t(BATCH, C, H, H).contiguous(memory_format=fmt)
-        w1 = t(R, C) / C ** 0.5
-        w2 = t(C, R) / R ** 0.5
+        w1 = t(R, C, 1, 1) / C ** 0.5
+        w2 = t(C, R, 1, 1) / R ** 0.5
         conv_w = t(1, 2, K, K) / (2 * K * K) ** 0.5
         bn_w = 1 + 0.1 * t(1)
         bn_b = 0.1 * t(1)
@@ -95,8 +96,7 @@ def _case(stage, modules, C, H, R, layout, mode):
         return x, w1, w2, conv_w, bn_w, bn_b, bn_mean, bn_var
 
     def ref(x, w1, w2, conv_w, bn_w, bn_b, bn_mean, bn_var):
-        return reference(x, w1, None, w2, None, conv_w, bn_w, bn_b, bn_mean, bn_var, EPS, training, MOMENTUM,
-                         "relu", "sigmoid")
+        return timm_cbam(x, w1, w2, conv_w, bn_w, bn_b, bn_mean, bn_var, training, MOMENTUM, EPS)
 
     def fused(x, w1, w2, conv_w, bn_w, bn_b, bn_mean, bn_var):
         return fastops.cbam(x, w1, None, w2, None, conv_w, bn_w, bn_b, bn_mean, bn_var, bn_eps=EPS,
@@ -127,7 +127,7 @@ def _summary(results, machine):
         return [f"{OP} summary: no fastops backend ran here (`python -m fastops info` says why)"]
     lines = []
     for prov in fused:
-        lines.append(f"{OP} summary, provider {prov}: speedup over eager (timm's CbamModule path) and over "
+        lines.append(f"{OP} summary, provider {prov}: speedup over eager (timm's CbamModule code) and over "
                      f"torch.compile across the CBAM-ResNet-50 positions (fwd: BN eval, fwd+bwd: BN train)")
         lines.append(f"  {'layout':<6} {'mode':<8} {'n':>2}  {'geomean ×eager':>14}  {'min ×eager':>10}  "
                      f"{'(at case)':<38} {'geomean ×compile':>16}  {'min ×compile':>12}  {'(at case)':<38}")

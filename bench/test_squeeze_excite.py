@@ -12,15 +12,17 @@ Two variants per shape:
   timm's ``Bottleneck.forward`` does after ``self.se`` (``x += shortcut; x = self.act3(x)``), i.e. the op with
   ``residual=shortcut, out_act="relu"``.
 
-``eager`` is fastops.reference.squeeze_excite (timm's module code path, step by step), ``compile`` is
-torch.compile of it, and every fastops backend is timed through ``fastops.squeeze_excite``. Layouts ``nchw``
-(contiguous) and ``nhwc`` (torch.channels_last); modes ``fwd`` and ``fwd+bwd`` (gradients of x, fc1 / fc2
+``eager`` is timm's own code path (``SEModule.forward``, and for the second variant the end of
+``Bottleneck.forward``, from bench/baselines.py: the 1x1 conv fc layers timm runs, with the case's weights),
+``compile`` is torch.compile of it, and every fastops backend is timed through ``fastops.squeeze_excite``. The
+weights are the (R, C, 1, 1) / (C, R, 1, 1) tensors of timm's convs, as fastops' drop-in module passes them.
+Layouts ``nchw`` (contiguous) and ``nhwc`` (torch.channels_last); modes ``fwd`` and ``fwd+bwd`` (gradients of x, fc1 / fc2
 weights and biases, and the residual).
 """
 import torch
 
 import fastops
-from fastops.reference import squeeze_excite as reference
+from baselines import timm_se, timm_se_bottleneck_tail
 from roofline import MODES, Case, add_summary, geomean, op_providers, parametrize
 
 OP = "squeeze_excite"
@@ -77,9 +79,9 @@ def _case(stage, modules, C, H, R, variant, layout, mode):
 
     def make_inputs(device):
         x = torch.randn(BATCH, C, H, H, device=device, dtype=DTYPE).contiguous(memory_format=fmt)
-        w1 = torch.randn(R, C, device=device, dtype=DTYPE) / C ** 0.5
+        w1 = torch.randn(R, C, 1, 1, device=device, dtype=DTYPE) / C ** 0.5
         b1 = torch.randn(R, device=device, dtype=DTYPE) * 0.1
-        w2 = torch.randn(C, R, device=device, dtype=DTYPE) / R ** 0.5
+        w2 = torch.randn(C, R, 1, 1, device=device, dtype=DTYPE) / R ** 0.5
         b2 = torch.randn(C, device=device, dtype=DTYPE) * 0.1
         res = None
         if residual:
@@ -87,7 +89,9 @@ def _case(stage, modules, C, H, R, variant, layout, mode):
         return x, w1, b1, w2, b2, res
 
     def ref(x, w1, b1, w2, b2, res):
-        return reference(x, w1, b1, w2, b2, "relu", "sigmoid", res, out_act)
+        if residual:
+            return timm_se_bottleneck_tail(x, w1, b1, w2, b2, res)
+        return timm_se(x, w1, b1, w2, b2)
 
     def fused(x, w1, b1, w2, b2, res):
         return fastops.squeeze_excite(x, w1, b1, w2, b2, act="relu", gate="sigmoid", residual=res, out_act=out_act)
@@ -143,6 +147,6 @@ def _speedup_summary(op, title, mine, variants, fused_backends=("cpu", "cuda", "
 @add_summary
 def _summary(results, machine):
     mine = [r for r in results if r.op == OP]
-    return _speedup_summary(OP, "speedup over eager (timm's SEModule path) and over torch.compile, across the "
+    return _speedup_summary(OP, "speedup over eager (timm's SEModule code) and over torch.compile, across the "
                            "seresnet50 SE positions; bare SE and the SE+residual+relu bottleneck tail apart",
                            mine, list(VARIANTS))
