@@ -16,8 +16,8 @@ Two variants per shape:
 ``Bottleneck.forward``, from bench/baselines.py: the 1x1 conv fc layers timm runs, with the case's weights),
 ``compile`` is torch.compile of it, and every fastops backend is timed through ``fastops.squeeze_excite``. The
 weights are the (R, C, 1, 1) / (C, R, 1, 1) tensors of timm's convs, as fastops' drop-in module passes them.
-Layouts ``nchw`` (contiguous) and ``nhwc`` (torch.channels_last); modes ``fwd`` and ``fwd+bwd`` (gradients of x, fc1 / fc2
-weights and biases, and the residual).
+Layouts ``nchw`` (contiguous) and ``nhwc`` (torch.channels_last); modes ``fwd`` and ``fwd+bwd`` (gradients of x,
+fc1 / fc2 weights and biases, and the residual).
 """
 import torch
 

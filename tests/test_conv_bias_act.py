@@ -416,6 +416,21 @@ def test_autocast_cpu_bf16():
     assert_close(y, ref, torch.bfloat16)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_module_autocast_leaves_float64_alone(training):
+    """A float64 ConvBNAct under autocast stays float64, as nn.Conv2d -> nn.BatchNorm2d does (its eval path
+    folded the weight and cast it to the autocast dtype, next to a float64 x: a TypeError)."""
+    m = fastops.nn.ConvBNAct(4, 8, 3, padding=1, dtype=torch.float64).train(training)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1, bias=False, dtype=torch.float64),
+                                torch.nn.BatchNorm2d(8, dtype=torch.float64), torch.nn.ReLU()).train(training)
+    plain.load_state_dict({"0.weight": m.conv.weight, **{f"1.{k}": v for k, v in m.bn.state_dict().items()}})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, want = m(x), plain(x)
+    assert y.dtype == torch.float64 == want.dtype
+    assert_close(y, want, torch.float64)
+
+
 def _reorders(fn):
     """fn's result and how many times it had oneDNN reorder a convolution weight."""
     with torch.profiler.profile() as prof:

@@ -98,6 +98,30 @@ def test_cbam_keeps_nan(backend_dev, cl, gate):
     assert torch.isnan(pooled2[0, 0, 1]) and pooled2[0, 1, 1] == float("inf")
 
 
+@pytest.mark.parametrize("backend_dev", backend_params("cbam"))
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 in the interpreter
+def test_cbam_nan_at_one_pixel(backend_dev, cl):
+    """x1 = x * ca is NaN at a single pixel (inf * 0: channel 1's gate is exactly 0): the channel-wise mean and
+    max are NaN at that pixel only, as the reference's."""
+    backend, dev = backend_dev
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    x[0, 1, 2, 3] = float("inf")
+    x = (x.contiguous(memory_format=torch.channels_last) if cl else x).to(dev)
+    w1 = torch.rand(2, 4, device=dev) + 0.1
+    w2 = torch.rand(4, 2, device=dev) + 0.1
+    w2[1] = -1.0  # channel 1: gate hard_sigmoid(-inf) = 0; the others hard_sigmoid(+inf) = 1
+    cw = torch.randn(1, 2, 3, 3, device=dev)
+    bn = [torch.ones(1, device=dev), torch.zeros(1, device=dev), torch.zeros(1, device=dev), torch.ones(1, device=dev)]
+    skip_unless_runnable("cbam", backend, x)
+    op = torch.ops.fastops.cbam_triton if backend == "triton" else torch.ops.fastops.cbam
+    out, _, spatial, _ = op(x, w1, None, w2, None, cw, *bn, 1e-5, False, "relu", "hard_sigmoid")
+    ref = R.cbam(x, w1, None, w2, None, cw, *bn, gate="hard_sigmoid")
+    for j in range(2):
+        assert torch.isnan(spatial[:, j]).nonzero().tolist() == [[0, 2, 3]]
+    _same_nonfinite(out, ref)
+
+
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
 def test_bn_act_training_statistics_of_inf_and_nan(cl):
     x = torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(1))

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from .. import backends
+from ..ops import _checks
 from ..ops.bn_act import bn_act
 from ..ops.conv_bn_act import (conv_bn_act, fold_bn, plan_conv_bias_act, reusable_part, run_conv_bias_act,
                                run_reusable_part)
@@ -134,8 +135,7 @@ def conv_bn_act_modules(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, ac
     training, momentum, rm, rv = _bn_mode(bn)
     weight = conv.weight
     if not training:
-        if torch.is_autocast_enabled(x.device.type):
-            weight = weight.to(torch.get_autocast_dtype(x.device.type))
+        (weight,) = _checks.autocast_inputs(x.device.type, weight)
         w, b = (fold_cache.get(conv, bn, weight) if fold_cache is not None else
                 fold_bn(weight, conv.bias, bn.weight, bn.bias, rm, rv, bn.eps))
         backend, args = plan_conv_bias_act("conv_bias_act", x, w, b, conv.stride, conv.padding, conv.dilation,
