@@ -51,6 +51,11 @@ TORCH_LIBRARY(fastops, m) {
         "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, bool has_residual, str act, str gate, "
         "str out_act) -> (Tensor grad_x, Tensor grad_fc1_weight, Tensor grad_fc1_bias, Tensor grad_fc2_weight, "
         "Tensor grad_fc2_bias, Tensor grad_residual)");
+  // The same after a 1x1 convolution: x_se = conv1x1(x, weight) + bias, weight (C, C_in, 1, 1) in x's dtype,
+  // bias (C,) fp32 (fp64 for fp64 x). CPU only; its backward is conv_bias_act's and squeeze_excite's.
+  m.def("conv1x1_squeeze_excite(Tensor x, Tensor weight, Tensor? bias, Tensor fc1_weight, Tensor? fc1_bias, "
+        "Tensor fc2_weight, Tensor? fc2_bias, Tensor? residual, str act, str gate, str out_act) -> "
+        "(Tensor out, Tensor pooled)");
   // CBAM: ca = gate(mlp(mean_hw x) + mlp(max_hw x)); x1 = x * ca; s = [mean_c x1, max_c x1];
   // sa = gate(bn(conv_kxk(s))); out = x1 * sa. conv_weight (1, 2, k, k), odd k, padding k/2.
   // pooled (N, 2, C) fp32 = [mean_hw x, max_hw x]; spatial (N, 2, H, W) fp32 = s; stats (2,) fp32 = the

@@ -11,7 +11,7 @@ def _probe_inputs(op, device):
     if op == "depthwise_conv2d":
         x = torch.randn(1, 4, 8, 8, device=device)
         return (x, torch.randn(4, 1, 3, 3, device=device), None)
-    if op in ("squeeze_excite", "cbam"):  # their predicates look at x only
+    if op in ("squeeze_excite", "cbam", "conv1x1_squeeze_excite"):  # their predicates look at x only
         return (torch.randn(1, 4, 8, 8, device=device),)
     if op == "window_attention":  # (qkv, head_dim, window tokens)
         return (torch.randn(1, 7, 7, 3 * 8, device=device), 4, 49)

@@ -8,8 +8,9 @@ conv), so ``model.load_state_dict(timm.create_model(name).state_dict())`` works 
   ``relu(bn3(conv3(x)) + shortcut)`` is one call with ``residual=shortcut``. With attention the last conv -> BN
   is a call with act ``"none"`` and the attention modules are :class:`fastops.nn.SqueezeExcite` /
   :class:`fastops.nn.CbamModule`; an SE block's ``relu(se(x) + shortcut)`` is one :func:`fastops.squeeze_excite`
-  call (``residual=shortcut, out_act="relu"``). BN keeps ``nn.BatchNorm2d``'s semantics (train / eval, running
-  statistics, ``num_batches_tracked``).
+  call (``residual=shortcut, out_act="relu"``), and in eval on CPU tensors ``relu(se(bn3(conv3(x))) + shortcut)``
+  is one :func:`fastops.conv1x1_squeeze_excite` call (:func:`fastops.nn.conv_bn_se_modules`). BN keeps
+  ``nn.BatchNorm2d``'s semantics (train / eval, running statistics, ``num_batches_tracked``).
 * ``fused=False``: the same modules (same keys) computed in plain PyTorch (the modules' own forwards,
   :mod:`fastops.reference` for the attention); no fastops kernel is called. This is the baseline the fused
   model is checked against.
@@ -95,6 +96,10 @@ def _fused_last(block, x, conv, bn, shortcut):
     path (which must scale the branch before the add) conv, BN, the residual add and the ReLU are one call."""
     if block.se is None and not _drop_path_active(block.drop_path):
         return _cba(x, conv, bn, "relu", residual=shortcut)
+    if (isinstance(block.se, SqueezeExcite) and not _drop_path_active(block.drop_path)
+            and fnn.conv_bn_se_fusable(x, conv, bn)):
+        # The conv's output stays in cache through the SE (fastops.conv1x1_squeeze_excite).
+        return fnn.conv_bn_se_modules(x, conv, bn, block.se, shortcut, "relu", bn.fold_cache)
     return _attn_out(block, _cba(x, conv, bn, "none"), shortcut)
 
 

@@ -97,6 +97,39 @@ def test_eval_matches_timm(pair):
         assert err <= TOL, f"160x192 fused=False: rel err {err:.2e}"
 
 
+def test_se_eval_batch8_per_sample_conv_se(pair, monkeypatch):
+    """SE-ResNet-50 in eval at batch 8: each block's conv3 -> bn3 -> SE -> + shortcut -> relu is one
+    fastops.conv1x1_squeeze_excite call, whose CPU schedule keeps conv3's output per sample in cache. Output
+    and (eval-mode) input / parameter gradients equal timm's."""
+    case, theirs, ours, name, kw = pair
+    if case != "seresnet50":
+        pytest.skip("SE blocks only")
+    if backends.forced_backend() not in (None, "cpu"):
+        pytest.skip("the fused conv + SE op runs on the cpu backend only")
+    from ._util import count_calls
+
+    import fastops.nn.conv_bn as conv_bn
+
+    calls = count_calls(monkeypatch, conv_bn, "conv1x1_squeeze_excite")
+    torch.manual_seed(3)
+    x = torch.randn(8, 3, 64, 64)
+    with torch.no_grad():
+        ref = theirs(x)
+        err = rel_err(ours(x), ref)
+    assert err <= TOL, f"eval batch 8: rel err {err:.2e}"
+    assert len(calls) == 16
+    # Eval-mode gradients through the op's backward, in float64 (see the module docstring for float32).
+    theirs, ours = copy.deepcopy(theirs).double(), copy.deepcopy(ours).double()
+    xt, xo = (x[:2].double().requires_grad_() for _ in range(2))
+    theirs(xt).square().sum().backward()
+    ours(xo).square().sum().backward()
+    assert len(calls) == 32  # the float64 forward calls it too (its two-kernel schedule)
+    assert rel_err(xo.grad, xt.grad) <= TOL, "grad x"
+    p_t = dict(theirs.named_parameters())
+    for k, p in ours.named_parameters():
+        assert rel_err(p.grad, p_t[k].grad) <= TOL, f"grad {k}: rel err {rel_err(p.grad, p_t[k].grad):.2e}"
+
+
 def _train_step(model, x, y):
     model.train()
     model.zero_grad(set_to_none=True)

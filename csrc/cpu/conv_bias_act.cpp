@@ -127,21 +127,6 @@ at::Tensor onednn_weight(const at::Tensor& x, const at::Tensor& w, c10::IntArray
   });
 }
 
-// A 1x1 weight (N, K, 1, 1) packed into gemm::pack's panels; packed anew on every call where w is not to be
-// cached.
-at::Tensor gemm_panels(const at::Tensor& w) {
-  auto make = [&] {
-    const at::Tensor wc = w.contiguous();
-    at::Tensor out = at::empty({gemm::packed_numel(w.size(0), w.size(1))}, w.options());
-    gemm::pack(wc.data_ptr<float>(), w.size(0), w.size(1), out.data_ptr<float>());
-    return out;
-  };
-  if (!PackedWeights::cacheable(w)) return make();
-  // No input size in the key (the panels do not depend on it), but the weight's geometry: a `.data` swap
-  // can change it under the same data pointer and version.
-  return PackedWeights::get().find_or_make(w, {kConvGemmKey, w.size(0), w.size(1), w.stride(0), w.stride(1)}, make);
-}
-
 at::Tensor onednn_conv_act(const at::Tensor& x, const at::Tensor& w_plain, const at::Tensor* bias,
                            const at::Tensor* res, Act act, c10::IntArrayRef stride, c10::IntArrayRef padding,
                            c10::IntArrayRef dilation, int64_t groups) {
@@ -207,7 +192,7 @@ at::Tensor gemm_conv_act(const at::Tensor& x, const at::Tensor& w, const at::Ten
                    act);
     return y;
   }
-  const at::Tensor panels = gemm_panels(w);
+  const at::Tensor panels = gemm::cached_panels(w);
   gemm::run({x.data_ptr<float>(), a.g.C, panels.data_ptr<float>(), b.data(), false, rp, yp, a.Cout, a.g.N * P, a.g.C,
              a.Cout, stream, true},
             act);

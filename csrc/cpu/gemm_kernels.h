@@ -30,6 +30,7 @@
 #include <numeric>
 
 #include "cpu/depthwise_kernels.h"
+#include "cpu/packed_weights.h"
 #include "cpu/simd.h"
 #include "cpu/stream_store.h"
 
@@ -87,6 +88,21 @@ inline void pack(const float* w, int64_t N, int64_t K, float* out) {
   });
 }
 
+// An fp32 1x1 weight (N, K, 1, 1) or (N, K) packed into pack()'s panels: kept between calls in PackedWeights
+// (cpu/packed_weights.h), packed anew on every call where w is not to be cached.
+inline at::Tensor cached_panels(const at::Tensor& w) {
+  auto make = [&] {
+    const at::Tensor wc = w.contiguous();
+    at::Tensor out = at::empty({packed_numel(w.size(0), w.size(1))}, w.options());
+    pack(wc.data_ptr<float>(), w.size(0), w.size(1), out.data_ptr<float>());
+    return out;
+  };
+  if (!PackedWeights::cacheable(w)) return make();
+  // No input size in the key (the panels do not depend on it), but the weight's geometry: a `.data` swap
+  // can change it under the same data pointer and version.
+  return PackedWeights::get().find_or_make(w, {kConvGemmKey, w.size(0), w.size(1), w.stride(0), w.stride(1)}, make);
+}
+
 // The first n (< kL) floats at p as a vector, zeros after; and its inverse for stores.
 inline W::V load_part(const float* p, int64_t n) {
   float t[kL] = {};
@@ -111,6 +127,10 @@ struct Args {
   int64_t M, K, N;
   bool stream;          // y written around the cache (AVX-512, ldy % 16 == 0, y 64-byte aligned)
   bool prefetch;        // x's and r's rows asked for one tile ahead (see tile): false where x is hot
+  // Optional: y's column sums are added here (packed_numel(N, 1) doubles, zero-padded columns included), so
+  // that a caller needing them does not read y again. The tiles add without synchronization: only for a run
+  // on one thread (inside a parallel region, where run()'s own parallel_for runs inline).
+  double* colsum = nullptr;
 };
 
 // Floats per cache line.
@@ -169,6 +189,7 @@ inline void tile(const Args& g, int64_t m0, int64_t rows, int64_t p) {
     }
   }
   const bool whole = cols == NV * kL;
+  typename W::V sum[NV] = {};
   for (int i = 0; i < MR; ++i) {
     if (i >= rows) break;
     float* yr = g.y + (m0 + i) * g.ldy + n0;
@@ -180,9 +201,19 @@ inline void tile(const Args& g, int64_t m0, int64_t rows, int64_t p) {
       typename W::V z = acc[i][j];
       if (rr) z += left >= kL ? W::load(rr + j * kL) : load_part(rr + j * kL, left);
       z = chan::act_v<A, simd::kWideBytes>(z);
+      if (g.colsum) sum[j] += z;
       if (left < kL) store_part(yr + j * kL, z, left);
       else if (whole && g.stream) simd::store_vec<true, float, float, simd::kWideBytes>(yr + j * kL, z);
       else W::store(yr + j * kL, z);
+    }
+  }
+  if (g.colsum) {
+    // The tile's few rows are summed in fp32, the running sums kept in double.
+    for (int j = 0; j < NV && j * kL < cols; ++j) {
+      float t[kL];
+      W::store(t, sum[j]);
+      double* cs = g.colsum + n0 + j * kL;
+      for (int l = 0; l < kL; ++l) cs[l] += t[l];
     }
   }
 }
@@ -211,6 +242,8 @@ inline void panel_rows_any(const Args& g, int64_t m0, int64_t m1, int64_t p) {
 
 template <Act A>
 void run_act(const Args& g) {
+  TORCH_INTERNAL_ASSERT(!g.colsum || at::in_parallel_region() || at::get_num_threads() == 1,
+                        "gemm: column sums are for a run on one thread");
   const int64_t panels = (g.N + kNR - 1) / kNR;
   // The threads split the rows in units of the tile heights in use, not of whole chunks: Swin-T stage 4's
   // 392 rows in chunks of 72 gave the threads 216 and 176 rows (~10% of the layer lost waiting).

@@ -9,6 +9,7 @@ import torch.nn as nn
 from .. import backends
 from ..ops import _checks
 from ..ops.bn_act import bn_act
+from ..ops.squeeze_excite import conv1x1_squeeze_excite
 from ..ops.conv_bn_act import (conv_bn_act, fold_bn, plan_conv_bias_act, reusable_part, run_conv_bias_act,
                                run_reusable_part)
 
@@ -148,6 +149,30 @@ def conv_bn_act_modules(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, ac
         return run_conv_bias_act(backend, args)
     return conv_bn_act(x, weight, conv.bias, bn.weight, bn.bias, rm, rv, bn.eps, conv.stride, conv.padding,
                        conv.dilation, conv.groups, act, residual, True, momentum)
+
+
+def conv_bn_se_fusable(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
+    """Whether :func:`conv_bn_se_modules` serves ``x``: an eval-mode BN with running statistics, a plain 1x1
+    convolution (stride 1, no padding, one group), and CPU tensors on the ``cpu`` backend (the fused op has no
+    CUDA or Triton kernel; there the conv and the SE stay two ops)."""
+    return (not bn.training and bn.running_mean is not None and bn.running_var is not None
+            and x.device.type == "cpu" and backends.forced_backend() in (None, "cpu")
+            and backends.c_ext_reason(x.device, "cpu") is None and conv.kernel_size == (1, 1)
+            and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+
+
+def conv_bn_se_modules(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, se: nn.Module,
+                       residual: Optional[torch.Tensor] = None, out_act: Optional[str] = None,
+                       fold_cache: Optional[BNFoldCache] = None) -> torch.Tensor:
+    """``out_act(se(bn(conv(x))) + residual)`` as one :func:`fastops.conv1x1_squeeze_excite` call, with the
+    eval-mode ``bn`` folded into the 1x1 ``conv`` (kept in ``fold_cache`` between calls); ``se`` is a
+    :class:`fastops.nn.SqueezeExcite`. Only where :func:`conv_bn_se_fusable` holds."""
+    (weight,) = _checks.autocast_inputs(x.device.type, conv.weight)
+    w, b = (fold_cache.get(conv, bn, weight) if fold_cache is not None else
+            fold_bn(weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps))
+    return conv1x1_squeeze_excite(x, w, b, se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias, se.act_name,
+                                  se.gate_name, residual, out_act)
 
 
 def bn_act_module(x: torch.Tensor, bn: nn.BatchNorm2d, act: str = "relu", residual: Optional[torch.Tensor] = None):

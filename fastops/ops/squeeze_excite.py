@@ -1,4 +1,5 @@
-"""fastops.squeeze_excite: the public function, its backends, fake kernels and autograd."""
+"""fastops.squeeze_excite and fastops.conv1x1_squeeze_excite: the public functions, their backends, fake kernels
+and autograd."""
 from typing import Optional
 
 import torch
@@ -8,8 +9,10 @@ from .. import reference as _ref
 from .._layout import memory_format_of
 from . import _attn_common as _ac
 from . import _checks, _registration
+from .bn_act import channel_param
 
 OP = "squeeze_excite"
+CONV_OP = "conv1x1_squeeze_excite"
 
 
 def squeeze_excite(
@@ -122,3 +125,120 @@ if TRITON_ERROR is None:
     from ..triton import squeeze_excite as _triton_se  # noqa: F401,E402  (defines the Triton custom ops)
 
     _register("squeeze_excite_triton", "squeeze_excite_backward_triton")
+
+
+# conv1x1_squeeze_excite -------------------------------------------------------------------------
+
+def conv1x1_squeeze_excite(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    act: str = "relu",
+    gate: str = "sigmoid",
+    residual: Optional[torch.Tensor] = None,
+    out_act: Optional[str] = None,
+) -> torch.Tensor:
+    r"""A 1x1 convolution followed by :func:`squeeze_excite`: SE-ResNet's ``relu(se(bn3(conv3(x))) + shortcut)``
+    in eval mode, with bn3 folded into the convolution's weight and bias.
+
+    .. math::
+        y = W x + b \;\text{(per pixel)}, \qquad
+        \mathrm{out} = \mathrm{out\_act}(y \cdot \mathrm{gate}(W_2\,\mathrm{act}(W_1 \mathrm{mean}_{hw} y + b_1) + b_2)
+        + r)
+
+    On the CPU backend, for fp32 maps whose convolution runs as fastops' GEMM (C_in <= 768; NCHW also
+    C_in * C <= 196608 and H * W > 1), each thread owns whole samples and keeps ``y`` of the sample in its
+    cache: the convolution, the pooling, the MLP and the scale run there and only ``out`` is written, so the
+    SE adds almost no memory traffic to the convolution. Other inputs run the two CPU kernels in turn
+    (conv_bias_act, then squeeze_excite). There is no CUDA or Triton kernel: on CUDA tensors the reference
+    runs (``fastops info`` lists it); SE-ResNet's fused model calls conv_bias_act and squeeze_excite there.
+
+    Args:
+        x: (N, C_in, H, W), float16 / bfloat16 / float32 / float64, NCHW or channels_last.
+        weight: (C, C_in, 1, 1) in x's dtype (stride 1, no padding, one group).
+        bias: (C,) any float dtype (added in fp32, fp64 for fp64 x) or None.
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual (N, C, H, W), out_act: as
+            :func:`squeeze_excite`.
+
+    Returns:
+        (N, C, H, W) in x's layout. Differentiable in x, weight, bias, every MLP parameter and residual: the
+        backward recomputes ``y`` and runs squeeze_excite's and conv_bias_act's backward kernels.
+    """
+    op = CONV_OP
+    _checks.tensor(op, "x", x, 4, shape_doc="(N, C_in, H, W)")
+    act = _ac.choice(op, "act", act, _ac.ACTS)
+    gate = _ac.choice(op, "gate", gate, _ac.GATES)
+    out_act = _ac.choice(op, "out_act", out_act, _ac.OUT_ACTS)
+    x, weight = _checks.autocast_inputs(x.device.type, x, weight)
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual = _checks.autocast_to_x(
+        x.device.type, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
+    _checks.tensor(op, "weight", weight, 4, shape_doc="(C, C_in, 1, 1)")
+    if weight.shape[1] != x.shape[1] or weight.shape[2:] != (1, 1) or weight.shape[0] == 0:
+        raise ValueError(f"fastops.{op}: weight must have shape (C, C_in, 1, 1) with C_in = {x.shape[1]} "
+                         f"(x.shape[1]), got {tuple(weight.shape)}")
+    _checks.same_device_dtype(op, "x", x, "weight", weight)
+    if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] * x.shape[3] == 0:
+        raise ValueError(f"fastops.{op}: x must have N, C_in >= 1 and H * W >= 1, got shape {tuple(x.shape)}")
+    C = weight.shape[0]
+    b = channel_param(op, "bias", bias, x, C)
+    x = _ac.dense(x)
+    w1, b1, w2, b2 = _ac.mlp_weights(op, C, fc1_weight, fc1_bias, fc2_weight, fc2_bias, x)
+    if residual is not None:
+        _checks.tensor(op, "residual", residual, 4, shape_doc="(N, C, H, W)")
+        expect = (x.shape[0], C, x.shape[2], x.shape[3])
+        if tuple(residual.shape) != expect:
+            raise ValueError(f"fastops.{op}: residual must have the output's shape {expect}, got "
+                             f"{tuple(residual.shape)}")
+        _checks.same_device_dtype(op, "x", x, "residual", residual)
+        residual = _ac.like_x(residual, x)
+    backend = backends.choose(op, x.device, x)
+    if backend == "reference":
+        return _ref.conv1x1_squeeze_excite(x, weight, b, w1, b1, w2, b2, act, gate, residual, out_act)
+    return _registration.call(torch.ops.fastops.conv1x1_squeeze_excite, x, weight, b, w1, b1, w2, b2, residual,
+                              act, gate, out_act)[0]
+
+
+backends.register(CONV_OP, "reference", lambda *args: None)
+backends.register(CONV_OP, "cpu", lambda x, *rest: backends.c_ext_reason(x.device, "cpu"))
+
+
+def _conv_fake_forward(x, weight, bias, w1, b1, w2, b2, residual, act, gate, out_act):
+    shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    return (x.new_empty(shape).contiguous(memory_format=memory_format_of(x)),
+            x.new_empty((x.shape[0], weight.shape[0]), dtype=_ac.acc_dtype(x)))
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, w1, b1, w2, b2, residual, act, gate, out_act = inputs
+    out, pooled = output
+    ctx.mark_non_differentiable(pooled)
+    ctx.save_for_backward(x, weight, bias, out if out_act == "relu" else None, pooled, w1, b1, w2, b2)
+    ctx.conf = (residual is not None, act, gate, out_act)
+
+
+def _conv_backward(ctx, grad_out, _grad_pooled):
+    x, weight, bias, out, pooled, w1, b1, w2, b2 = ctx.saved_tensors
+    has_residual, act, gate, out_act = ctx.conf
+    conv_args = ([1, 1], [0, 0, 0, 0], [1, 1], 1, "none")
+    # y = conv(x) is not kept by the forward (keeping it out of memory is the point of the op): recomputed.
+    y = _registration.call(torch.ops.fastops.conv_bias_act, x, weight, bias, None, *conv_args)
+    grad_out = grad_out.contiguous(memory_format=memory_format_of(y))
+    gy, gw1, gb1, gw2, gb2, gr = _registration.call(
+        torch.ops.fastops.squeeze_excite_backward, grad_out, y, y if out is None else out, pooled, w1, b1, w2, b2,
+        has_residual, act, gate, out_act)
+    # act "none": the backward reads no output (gy stands in).
+    gx, gw, gb, _ = _registration.call(torch.ops.fastops.conv_bias_act_backward, gy, x, weight, bias, None, gy,
+                                       *conv_args)
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None, gw if need[1] else None, gb if bias is not None and need[2] else None,
+            gw1 if need[3] else None, gb1 if b1 is not None and need[4] else None, gw2 if need[5] else None,
+            gb2 if b2 is not None and need[6] else None, gr if has_residual and need[7] else None, None, None, None)
+
+
+if _ext.C_LOADED:
+    torch.library.register_fake(f"fastops::{CONV_OP}")(_conv_fake_forward)
+    torch.library.register_autograd(f"fastops::{CONV_OP}", _conv_backward, setup_context=_conv_setup_context)

@@ -16,3 +16,14 @@ def squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act="relu", ga
     if residual is not None:
         y = y + residual
     return OUT_ACTS[out_act](y).contiguous(memory_format=memory_format_of(x))
+
+
+def conv1x1_squeeze_excite(x, weight, bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act="relu",
+                           gate="sigmoid", residual=None, out_act="none"):
+    """:func:`squeeze_excite` of ``conv2d(x, weight, bias)`` (a 1x1 convolution, weight (C, C_in, 1, 1)).
+
+    bias may be fp32 next to a half x (a folded BatchNorm's); the convolution adds it in fp32, rounding once."""
+    y = F.conv2d(x, weight)
+    if bias is not None:
+        y = (y.to(bias.dtype) + bias[:, None, None]).to(x.dtype)
+    return squeeze_excite(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual, out_act)
