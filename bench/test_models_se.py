@@ -15,6 +15,8 @@ The summary gives the acceptance metric of the SE work: fastops seresnet50 speed
 (``t(resnet50) / t(seresnet50)``, target >= 0.97), measured by ``test_models_se_ratio_interleaved`` with the two
 fastops models called alternately (the per-case timings run minutes apart, and this machine's speed drifts more
 than the margin being measured), and each fastops model against the better of timm eager and timm compiled.
+The interleaved test also times, as a third call of each round, the same seresnet50 with its conv3 and SE as two
+ops (the fused ``fastops.conv1x1_squeeze_excite`` turned off): what the CPU model ran before that op.
 
 These cases are slow (on a CPU a forward takes around a second and compiling a model minutes; a call longer
 than --bench-budget is timed in one round after one warm-up and one calibration call). They carry the
@@ -73,27 +75,40 @@ def test_models_se_ratio_interleaved(benchmark, roofline_session, backend, layou
         pytest.skip(backends.c_ext_reason(dev, backend))
     x = torch.randn(BATCH, 3, RES, RES, device=dev, dtype=DTYPE).contiguous(memory_format=ALL_LAYOUTS[layout])
     models = {n: BENCH.fastops_model(n, layout).eval() for n in ("resnet50", "seresnet50")}
-    times = {n: [] for n in models}
+    # An ablation alongside: the same seresnet50 with each block's conv3 and SE as two ops (conv_bias_act, then
+    # squeeze_excite), as it ran before fastops.conv1x1_squeeze_excite; on CUDA the two are what runs anyway.
+    apart = "seresnet50, conv3 and SE apart"
+    fusable = fastops.nn.conv_bn_se_fusable
+    runs = dict(models, **{apart: models["seresnet50"]})
+    times = {n: [] for n in runs}
 
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    def call(n, m):
+        fastops.nn.conv_bn_se_fusable = (lambda *args: False) if n == apart else fusable
+        try:
+            return m(x)
+        finally:
+            fastops.nn.conv_bn_se_fusable = fusable
+
     def pairs():
         for _ in range(PAIR_ROUNDS):
-            for n, m in models.items():
+            for n, m in runs.items():
                 sync()
                 t0 = time.perf_counter()
-                m(x)
+                call(n, m)
                 sync()
                 times[n].append(time.perf_counter() - t0)
 
     with fastops.use_backend(backend), torch.no_grad():
-        for m in models.values():
-            m(x)  # warm-up (weights folded, kernels compiled)
+        for n, m in runs.items():
+            call(n, m)  # warm-up (weights folded, kernels compiled)
         benchmark.pedantic(pairs, rounds=1, warmup_rounds=0, iterations=1)
     rn, se = statistics.median(times["resnet50"]), statistics.median(times["seresnet50"])
-    PAIRS[(layout, backend)] = (rn, se, [a / b for a, b in zip(times["resnet50"], times["seresnet50"])])
+    PAIRS[(layout, backend)] = (rn, se, [a / b for a, b in zip(times["resnet50"], times["seresnet50"])],
+                                statistics.median(times[apart]))
 
 
 # Summary -------------------------------------------------------------------------------------------
@@ -129,9 +144,10 @@ def _summary(results, machine):
                          f"{fmt_time(rn) if rn else '-':>11} {ratio:>7}  {vs[0]:>21} {vs[1]:>19}")
     if mine and not any(r.provider in FUSED_BACKENDS for r in mine):
         lines.append("  no fastops model ran here (`python -m fastops info` says why)")
-    for (layout, backend), (rn, se, ratios) in sorted(PAIRS.items()):
+    for (layout, backend), (rn, se, ratios, apart) in sorted(PAIRS.items()):
         verdict = "PASS" if rn / se >= ACCEPT_RATIO else "FAIL"
         lines.append(f"  acceptance {layout} {backend}, interleaved ({PAIR_ROUNDS} alternating calls each, medians): "
                      f"resnet50 {fmt_time(rn)}, seresnet50 {fmt_time(se)}, ratio {rn / se:.3f} (per pair "
-                     f"{min(ratios):.3f}..{max(ratios):.3f}; >= {ACCEPT_RATIO:.2f}: {verdict})")
+                     f"{min(ratios):.3f}..{max(ratios):.3f}; >= {ACCEPT_RATIO:.2f}: {verdict}); "
+                     f"ablation, seresnet50 with conv3 and SE as two ops: {fmt_time(apart)}, ratio {rn / apart:.3f}")
     return lines
