@@ -18,7 +18,7 @@ SHAPES = [
     (8, 16, 40, 7, 5, 4),    # fused with 1, 2, 4 or 8 threads; C not a multiple of a vector
     (4, 37, 53, 9, 3, 5),    # odd channels and map
     (3, 24, 32, 6, 6, 8),    # N = 3 on 2 threads: the two kernels
-    (2, 12, 20, 1, 1, 2),    # one pixel (NCHW: the two kernels; channels_last: fused)
+    (2, 12, 20, 1, 1, 2),    # one pixel: the two kernels (a 1x1 map counts as NCHW)
 ]
 # (act, gate, residual, out_act, bias, fc bias)
 CONFIGS = [
@@ -93,7 +93,8 @@ def _cfg_id(c):
 def test_cpu_float32(monkeypatch, layout, shape, cfg, path):
     if PATHS[path] is not None:
         monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", PATHS[path])
-    _check(shape, torch.float32, layout, cfg)
+    with cpu_threads(2):  # the schedules as SHAPES describe them, whatever the host's core count
+        _check(shape, torch.float32, layout, cfg)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS[:2], ids=_cfg_id)
@@ -204,6 +205,7 @@ def _good():
     (lambda a: [a[0][0]] + a[1:], {}, ValueError, "x must be 4-D"),
     (lambda a: [a[0][:, :, :0]] + a[1:], {}, ValueError, "H \\* W >= 1"),
     (lambda a: [a[0], torch.randn(8, 5, 1, 1)] + a[2:], {}, ValueError, "weight must have shape \\(C, C_in, 1, 1\\)"),
+    (lambda a: a[:3] + [torch.randn(2, 6, 1, 1)] + a[4:], {}, ValueError, "C = 8 \\(weight.shape\\[0\\]\\)"),
     (lambda a: [a[0], torch.randn(8, 6, 3, 3)] + a[2:], {}, ValueError, "weight must have shape \\(C, C_in, 1, 1\\)"),
     (lambda a: [a[0], a[1].double()] + a[2:], {}, TypeError, "weight has dtype torch.float64"),
     (lambda a: a[:2] + [torch.randn(7)] + a[3:], {}, ValueError, "bias must have shape \\(8,\\)"),
@@ -234,3 +236,20 @@ def test_direct_op_call_checks_shapes():
         call(x, w, b, w1, b1, w2, b2, torch.randn(1), "relu", "sigmoid", "none")
     with pytest.raises(RuntimeError, match="act 'tanh' is not supported"):
         call(x, w, b, w1, b1, w2, b2, None, "tanh", "sigmoid", "none")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_direct_op_call_strided_vectors(layout):
+    """Strided bias and fc biases passed to the op directly (no Python front making them contiguous)."""
+    tensors, opts = _case((8, 16, 40, 7, 5, 4), torch.float32, layout, CONFIGS[0])
+    x, w, b, w1, b1, w2, b2, r = tensors
+    skip_unless_runnable(OP, "cpu", x)
+    b, b1, b2 = (torch.stack([t, torch.full_like(t, 1e3)], 1)[:, 0] for t in (b, b1, b2))
+    assert not b.is_contiguous()
+    with torch.no_grad(), cpu_threads(2):
+        out, _ = torch.ops.fastops.conv1x1_squeeze_excite(x, w, b, w1.flatten(1), b1, w2.flatten(1), b2, r,
+                                                           opts["act"], opts["gate"], opts["out_act"])
+        with fastops.use_backend("reference"):
+            ref = fastops.conv1x1_squeeze_excite(*(t.double() for t in (x, w, b, w1, b1, w2, b2)),
+                                                 residual=r.double(), **opts)
+    assert_close(out, ref, torch.float32)

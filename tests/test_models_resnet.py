@@ -15,13 +15,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 import fastops.nn.attention as attention
+import fastops.nn.conv_bn as conv_bn
 from fastops import backends
 from fastops.models import create_model, list_models
 from fastops.nn import CbamModule, SqueezeExcite
 
-from ._util import rel_err
+from ._util import count_calls, cpu_threads, rel_err
 
 timm = pytest.importorskip("timm")
 
@@ -106,18 +108,18 @@ def test_se_eval_batch8_per_sample_conv_se(pair, monkeypatch):
         pytest.skip("SE blocks only")
     if backends.forced_backend() not in (None, "cpu"):
         pytest.skip("the fused conv + SE op runs on the cpu backend only")
-    from ._util import count_calls
-
-    import fastops.nn.conv_bn as conv_bn
-
     calls = count_calls(monkeypatch, conv_bn, "conv1x1_squeeze_excite")
     torch.manual_seed(3)
     x = torch.randn(8, 3, 64, 64)
-    with torch.no_grad():
+    with torch.no_grad(), cpu_threads(2), profile(activities=[ProfilerActivity.CPU]) as prof:
         ref = theirs(x)
         err = rel_err(ours(x), ref)
     assert err <= TOL, f"eval batch 8: rel err {err:.2e}"
     assert len(calls) == 16
+    # The per-sample schedule ran: of the model's 53 convolutions only the 37 outside the SE blocks' tails
+    # reach conv_bias_act (the other schedule calls it for conv3 too).
+    convs = sum(e.count for e in prof.key_averages() if e.key == "fastops::conv_bias_act")
+    assert convs == 37, convs
     # Eval-mode gradients through the op's backward, in float64 (see the module docstring for float32).
     theirs, ours = copy.deepcopy(theirs).double(), copy.deepcopy(ours).double()
     xt, xo = (x[:2].double().requires_grad_() for _ in range(2))

@@ -252,20 +252,23 @@ struct Mlp {
   Mlp(const at::Tensor& fc1_w, const c10::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
       const c10::optional<at::Tensor>& fc2_b, scalar_t /*tag*/)
       : C(fc1_w.size(1)), R(fc1_w.size(0)) {
-    auto take = [this](const at::Tensor& t, std::vector<acc_t>& store) -> const acc_t* {
+    // The pointers stay valid for the Mlp's life whatever the caller passed (a strided view, a temporary):
+    // each tensor is held, contiguous, or copied to acc_t.
+    auto take = [this](const at::Tensor& t, int i) -> const acc_t* {
+      held_[i] = t.contiguous();
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        return t.data_ptr<acc_t>();
+        return held_[i].data_ptr<acc_t>();
       } else {
-        const scalar_t* p = t.data_ptr<scalar_t>();
-        store.assign(p, p + t.numel());
-        return store.data();
+        const scalar_t* p = held_[i].data_ptr<scalar_t>();
+        own_[i].assign(p, p + held_[i].numel());
+        return own_[i].data();
       }
     };
-    w1 = take(fc1_w, own_[0]);
-    w2 = take(fc2_w, own_[1]);
+    w1 = take(fc1_w, 0);
+    w2 = take(fc2_w, 1);
     zeros_.assign(std::max(C, R), acc_t(0));
-    b1 = (fc1_b.has_value() && fc1_b->defined()) ? take(*fc1_b, own_[2]) : zeros_.data();
-    b2 = (fc2_b.has_value() && fc2_b->defined()) ? take(*fc2_b, own_[3]) : zeros_.data();
+    b1 = (fc1_b.has_value() && fc1_b->defined()) ? take(*fc1_b, 2) : zeros_.data();
+    b2 = (fc2_b.has_value() && fc2_b->defined()) ? take(*fc2_b, 3) : zeros_.data();
   }
   Mlp(const Mlp&) = delete;
 
@@ -337,6 +340,7 @@ struct Mlp {
   }
 
  private:
+  at::Tensor held_[4];
   std::vector<acc_t> own_[4], zeros_;
 };
 

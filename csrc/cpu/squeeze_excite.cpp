@@ -405,9 +405,11 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_squeeze_excite_cpu(
   // it would be a new tensor every call); NCHW: W's rows, read as they are.
   const at::Tensor panels = g1.cl ? gemm::cached_panels(weight) : weight.contiguous();
   std::vector<float> bv(gemm::packed_numel(C, 1), 0.f);  // zero-padded to whole panels, as the GEMM reads it
-  if (b) std::copy(b->data_ptr<float>(), b->data_ptr<float>() + C, bv.begin());
-  const at::Tensor w1 = fc1_w.contiguous(), w2 = fc2_w.contiguous();  // Mlp keeps pointers into them
-  const attn::Mlp<float> mlp(w1, contig(fc1_b), w2, contig(fc2_b), float{});
+  if (b) {
+    const at::Tensor bc = b->contiguous();
+    std::copy(bc.data_ptr<float>(), bc.data_ptr<float>() + C, bv.begin());
+  }
+  const attn::Mlp<float> mlp(fc1_w, fc1_b, fc2_w, fc2_b, float{});
   const float *px = x.data_ptr<float>(), *pw = panels.data_ptr<float>();
   const float* pr = r.defined() ? r.data_ptr<float>() : nullptr;
   float *po = out.data_ptr<float>(), *pp = pooled.data_ptr<float>();

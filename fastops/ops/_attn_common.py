@@ -34,17 +34,18 @@ def like_x(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=memory_format_of(x))
 
 
-def mlp_weights(op, C, fc1_weight, fc1_bias, fc2_weight, fc2_bias, x):
+def mlp_weights(op, C, fc1_weight, fc1_bias, fc2_weight, fc2_bias, x, c_from="x.shape[1]"):
     """Check the channel MLP's parameters and return them flattened: (R, C), (R,)|None, (C, R), (C,)|None.
 
-    The weights may be given as the 1x1 conv weights timm uses: (R, C, 1, 1) and (C, R, 1, 1)."""
+    The weights may be given as the 1x1 conv weights timm uses: (R, C, 1, 1) and (C, R, 1, 1). ``c_from``
+    names where C comes from, for the error messages."""
     _checks.tensor(op, "fc1_weight", fc1_weight, None)
     _checks.tensor(op, "fc2_weight", fc2_weight, None)
     w1 = fc1_weight.flatten(1) if fc1_weight.dim() == 4 and fc1_weight.shape[2:] == (1, 1) else fc1_weight
     w2 = fc2_weight.flatten(1) if fc2_weight.dim() == 4 and fc2_weight.shape[2:] == (1, 1) else fc2_weight
     if w1.dim() != 2 or w1.shape[1] != C or w1.shape[0] < 1:
         raise ValueError(f"fastops.{op}: fc1_weight must have shape (R, C) or (R, C, 1, 1) with C = {C} "
-                         f"(x.shape[1]), got {tuple(fc1_weight.shape)}")
+                         f"({c_from}), got {tuple(fc1_weight.shape)}")
     R = w1.shape[0]
     if w2.dim() != 2 or tuple(w2.shape) != (C, R):
         raise ValueError(f"fastops.{op}: fc2_weight must have shape (C, R) = ({C}, {R}) or ({C}, {R}, 1, 1), "

@@ -151,7 +151,8 @@ def conv1x1_squeeze_excite(
         + r)
 
     On the CPU backend, for fp32 maps whose convolution runs as fastops' GEMM (C_in <= 768; NCHW also
-    C_in * C <= 196608 and H * W > 1), each thread owns whole samples and keeps ``y`` of the sample in its
+    C_in * C <= 196608 and H * W > 1), with enough samples for every thread to own whole ones and the threads'
+    scratch maps (C H W floats each) within twice the cache share, each thread keeps ``y`` of its sample in its
     cache: the convolution, the pooling, the MLP and the scale run there and only ``out`` is written, so the
     SE adds almost no memory traffic to the convolution. Other inputs run the two CPU kernels in turn
     (conv_bias_act, then squeeze_excite). There is no CUDA or Triton kernel: on CUDA tensors the reference
@@ -186,7 +187,7 @@ def conv1x1_squeeze_excite(
     C = weight.shape[0]
     b = channel_param(op, "bias", bias, x, C)
     x = _ac.dense(x)
-    w1, b1, w2, b2 = _ac.mlp_weights(op, C, fc1_weight, fc1_bias, fc2_weight, fc2_bias, x)
+    w1, b1, w2, b2 = _ac.mlp_weights(op, C, fc1_weight, fc1_bias, fc2_weight, fc2_bias, x, "weight.shape[0]")
     if residual is not None:
         _checks.tensor(op, "residual", residual, 4, shape_doc="(N, C, H, W)")
         expect = (x.shape[0], C, x.shape[2], x.shape[3])
