@@ -22,7 +22,6 @@ namespace fastops {
 namespace {
 
 using attn::Act;
-using attn::contig;
 using attn::dense;
 
 struct CbamGeom {
@@ -149,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using V = simd::Vec<acc_t>;
-    const attn::Mlp<acc_t> mlp(w1, contig(fc1_b), w2, contig(fc2_b), scalar_t{});
+    const attn::Mlp<acc_t> mlp(w1, fc1_b, w2, fc2_b, scalar_t{});
     const std::vector<acc_t> cw = to_acc<scalar_t, acc_t>(conv_w);
     const acc_t gamma = static_cast<acc_t>(bn_w.item<double>()), beta = static_cast<acc_t>(bn_b.item<double>());
     const int64_t C = g.C, HW = g.HW, R = mlp.R, sz = C * HW;
@@ -373,7 +372,7 @@ cbam_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const a
   at::Tensor gbw = at::empty_like(bn_w), gbb = at::empty_like(bn_b);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const attn::Mlp<acc_t> mlp(w1, contig(fc1_b), w2, contig(fc2_b), scalar_t{});
+    const attn::Mlp<acc_t> mlp(w1, fc1_b, w2, fc2_b, scalar_t{});
     const std::vector<acc_t> cw = to_acc<scalar_t, acc_t>(conv_w);
     const double gamma = bn_w.item<double>(), beta = bn_b.item<double>();
     const at::Tensor st = stats_in.contiguous();

@@ -27,11 +27,6 @@ inline at::Tensor dense(const at::Tensor& t) {
   return (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) ? t : t.contiguous();
 }
 
-inline c10::optional<at::Tensor> contig(const c10::optional<at::Tensor>& t) {
-  if (t.has_value() && t->defined()) return t->contiguous();
-  return c10::nullopt;
-}
-
 // x (N, C, H, W) on the CPU and the channel MLP's fc1_weight (R, C), fc2_weight (C, R), optional biases (R,),
 // (C,), all of x's dtype.
 inline void check_mlp_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,

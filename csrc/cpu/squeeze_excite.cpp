@@ -24,7 +24,6 @@ namespace fastops {
 namespace {
 
 using attn::Act;
-using attn::contig;
 using attn::dense;
 
 struct SeGeom {
@@ -184,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor> squeeze_excite_cpu(const at::Tensor& x_in, co
   const at::Tensor w1 = fc1_w.contiguous(), w2 = fc2_w.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excite_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const attn::Mlp<acc_t> mlp(w1, contig(fc1_b), w2, contig(fc2_b), scalar_t{});
+    const attn::Mlp<acc_t> mlp(w1, fc1_b, w2, fc2_b, scalar_t{});
     const int64_t R = mlp.R, C = g.C, sz = C * g.HW;
     const scalar_t* px = x.data_ptr<scalar_t>();
     const scalar_t* pr = r.defined() ? r.data_ptr<scalar_t>() : nullptr;
@@ -260,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gw2 = at::empty_like(w2), gb2 = at::empty({C}, w2.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excite_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const attn::Mlp<acc_t> mlp(w1, contig(fc1_b), w2, contig(fc2_b), scalar_t{});
+    const attn::Mlp<acc_t> mlp(w1, fc1_b, w2, fc2_b, scalar_t{});
     const int64_t sz = C * g.HW;
     const scalar_t *px = x.data_ptr<scalar_t>(), *pgo = go.data_ptr<scalar_t>(), *pout = out.data_ptr<scalar_t>();
     scalar_t* pgx = gx.data_ptr<scalar_t>();
