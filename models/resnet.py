@@ -98,7 +98,7 @@ def _fused_last(block, x, conv, bn, shortcut):
         return _cba(x, conv, bn, "relu", residual=shortcut)
     if (isinstance(block.se, SqueezeExcite) and not _drop_path_active(block.drop_path)
             and fnn.conv_bn_se_fusable(x, conv, bn)):
-        # The conv's output stays in cache through the SE (fastops.conv1x1_squeeze_excite).
+        # One fastops.conv1x1_squeeze_excite call: the SE's gate is applied in the conv's epilogue.
         return fnn.conv_bn_se_modules(x, conv, bn, block.se, shortcut, "relu", bn.fold_cache)
     return _attn_out(block, _cba(x, conv, bn, "none"), shortcut)
 
@@ -156,7 +156,8 @@ class Bottleneck(nn.Module):
     """timm's ``Bottleneck`` (ResNet-50+): conv1x1-bn-relu, conv3x3(stride)-bn-relu, conv1x1-bn,
     [attention on bn3's output], + shortcut, relu. With ``fused=True`` each conv -> BN (-> ReLU) is one
     :func:`fastops.nn.conv_bn_act_modules` call; without attention conv3 -> bn3 -> + shortcut -> relu is one call,
-    with SE the last three steps are one :func:`fastops.squeeze_excite` call.
+    with SE conv3 -> bn3 -> SE -> + shortcut -> relu is one :func:`fastops.conv1x1_squeeze_excite` call in eval on the
+    CPU (elsewhere conv3 -> bn3 one call and the rest one :func:`fastops.squeeze_excite` call).
 
     Keys: conv1, bn1, conv2, bn2, conv3, bn3, se (when attention), downsample.0 / .1."""
     expansion = 4

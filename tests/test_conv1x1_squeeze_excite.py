@@ -1,5 +1,5 @@
 """conv1x1_squeeze_excite: the CPU backend vs the plain-PyTorch conv2d + SEModule path in float64, forward and
-all gradients, on both of its CPU schedules (per-sample fused, and conv_bias_act then squeeze_excite)."""
+all gradients, on both of its CPU schedules (fused, and conv_bias_act then squeeze_excite)."""
 import pytest
 import torch
 
@@ -12,13 +12,16 @@ from ._util import (TOL, assert_close, assert_close_reduced, assert_close_vs_pyt
 
 OP = "conv1x1_squeeze_excite"
 
-# (N, C_in, C, H, W, R). The fused schedule takes fp32 maps with enough samples for every thread to own whole
-# ones (with 1 or 2 threads: N even, or N >= 4 * threads); the others run the two kernels in turn.
+# (N, C_in, C, H, W, R). The fused schedule takes fp32 maps whose 1x1 conv runs as fastops' GEMM (C_in <= 768,
+# and in NCHW more than one pixel); the others run the two kernels in turn.
 SHAPES = [
-    (8, 16, 40, 7, 5, 4),    # fused with 1, 2, 4 or 8 threads; C not a multiple of a vector
+    (8, 16, 40, 7, 5, 4),    # C not a multiple of a vector
+    (4, 8, 20, 16, 10, 3),   # a sample's x larger than the weights
     (4, 37, 53, 9, 3, 5),    # odd channels and map
-    (3, 24, 32, 6, 6, 8),    # N = 3 on 2 threads: the two kernels
+    (3, 24, 32, 6, 6, 8),    # odd batch
+    (1, 20, 70, 5, 5, 4),    # one sample: a GEMM tile's rows from a single sample, C past one panel
     (2, 12, 20, 1, 1, 2),    # one pixel: the two kernels (a 1x1 map counts as NCHW)
+    (2, 776, 24, 3, 2, 4),   # C_in > 768: the two kernels
 ]
 # (act, gate, residual, out_act, bias, fc bias)
 CONFIGS = [
@@ -26,7 +29,6 @@ CONFIGS = [
     ("relu", "sigmoid", False, "none", False, True),    # conv without bias, timm's SEModule
     ("silu", "hard_sigmoid", True, "none", True, False),
 ]
-PATHS = {"default": None, "two-kernels": "0"}  # FASTOPS_LLC_SHARE_BYTES=0 leaves no cache share for the fusion
 NAMES = ("output", "grad_x", "grad_weight", "grad_bias", "grad_fc1_weight", "grad_fc1_bias", "grad_fc2_weight",
          "grad_fc2_bias", "grad_residual")
 REDUCED = ("grad_weight", "grad_bias", "grad_fc1_weight", "grad_fc1_bias", "grad_fc2_weight", "grad_fc2_bias")
@@ -86,14 +88,11 @@ def _cfg_id(c):
     return f"{c[0]}-{c[1]}" + ("-res" if c[2] else "") + f"-{c[3]}" + ("-bias" if c[4] else "")
 
 
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_cpu_float32(monkeypatch, layout, shape, cfg, path):
-    if PATHS[path] is not None:
-        monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", PATHS[path])
-    with cpu_threads(2):  # the schedules as SHAPES describe them, whatever the host's core count
+def test_cpu_float32(layout, shape, cfg):
+    with cpu_threads(2):
         _check(shape, torch.float32, layout, cfg)
 
 
@@ -121,20 +120,31 @@ def _ops_run(fn):
     return out, {e.key for e in prof.key_averages() if e.key.startswith("fastops::")}
 
 
+@pytest.mark.parametrize("shape", [(8, 64, 96, 14, 14, 8), (8, 64, 256, 7, 7, 16)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_fused_schedule_runs_and_matches_two_kernels(monkeypatch, layout):
-    """fp32, batch 8, a SE-ResNet-like layer: the per-sample schedule runs (no separate conv_bias_act call),
-    and gives the two kernels' output to fp32 rounding (its pooling sums per GEMM tile)."""
-    tensors, opts = _case((8, 64, 96, 14, 14, 8), torch.float32, layout, CONFIGS[0])
-    skip_unless_runnable(OP, "cpu", tensors[0])
-    call = lambda: fastops.conv1x1_squeeze_excite(*tensors[:7], residual=tensors[7], **opts)  # noqa: E731
+def test_fused_schedule_runs_and_matches_two_kernels(layout, shape):
+    """fp32, batch 8, SE-ResNet-like layers: the fused schedule runs (no separate conv_bias_act call), and
+    gives what conv_bias_act then squeeze_excite give to fp32 rounding (it pools x, not the conv's output)."""
+    tensors, opts = _case(shape, torch.float32, layout, CONFIGS[0])
+    x, w, b, w1, b1, w2, b2, r = tensors
+    skip_unless_runnable(OP, "cpu", x)
+    call = lambda: fastops.conv1x1_squeeze_excite(*tensors[:7], residual=r, **opts)  # noqa: E731
     with torch.no_grad(), cpu_threads(2):
         fused, ops = _ops_run(call)
         assert "fastops::conv_bias_act" not in ops, ops
-        monkeypatch.setenv("FASTOPS_LLC_SHARE_BYTES", "0")
-        two, ops = _ops_run(call)
-        assert "fastops::conv_bias_act" in ops, ops
+        with fastops.use_backend("cpu"):
+            y = fastops.conv_bias_act(x, w, b, act="none")
+            two = fastops.squeeze_excite(y, w1, b1, w2, b2, residual=r, **opts)
     assert_close(fused, two, torch.float32)
+
+
+def test_two_kernel_schedule_runs():
+    """C_in > 768 leaves the conv to oneDNN: the op then calls conv_bias_act (and squeeze_excite's kernel)."""
+    tensors, opts = _case((2, 776, 24, 3, 2, 4), torch.float32, "channels_last", CONFIGS[0])
+    skip_unless_runnable(OP, "cpu", tensors[0])
+    with torch.no_grad():
+        _, ops = _ops_run(lambda: fastops.conv1x1_squeeze_excite(*tensors[:7], residual=tensors[7], **opts))
+    assert "fastops::conv_bias_act" in ops, ops
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -99,9 +99,9 @@ def test_eval_matches_timm(pair):
         assert err <= TOL, f"160x192 fused=False: rel err {err:.2e}"
 
 
-def test_se_eval_batch8_per_sample_conv_se(pair, monkeypatch):
+def test_se_eval_batch8_fused_conv_se(pair, monkeypatch):
     """SE-ResNet-50 in eval at batch 8: each block's conv3 -> bn3 -> SE -> + shortcut -> relu is one
-    fastops.conv1x1_squeeze_excite call, whose CPU schedule keeps conv3's output per sample in cache. Output
+    fastops.conv1x1_squeeze_excite call, whose CPU schedule gates conv3's GEMM output in its epilogue. Output
     and (eval-mode) input / parameter gradients equal timm's."""
     case, theirs, ours, name, kw = pair
     if case != "seresnet50":
@@ -116,7 +116,7 @@ def test_se_eval_batch8_per_sample_conv_se(pair, monkeypatch):
         err = rel_err(ours(x), ref)
     assert err <= TOL, f"eval batch 8: rel err {err:.2e}"
     assert len(calls) == 16
-    # The per-sample schedule ran: of the model's 53 convolutions only the 37 outside the SE blocks' tails
+    # The fused schedule ran: of the model's 53 convolutions only the 37 outside the SE blocks' tails
     # reach conv_bias_act (the other schedule calls it for conv3 too).
     convs = sum(e.count for e in prof.key_averages() if e.key == "fastops::conv_bias_act")
     assert convs == 37, convs

@@ -175,27 +175,10 @@ bool use_gemm(const at::Tensor& x, const ConvArgs& a, int64_t groups) {
 at::Tensor gemm_conv_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, const at::Tensor* res,
                          Act act, const ConvArgs& a) {
   at::Tensor y = at::empty({a.g.N, a.Cout, a.g.OH, a.g.OW}, x.options().memory_format(a.fmt));
-  const int64_t P = a.g.H * a.g.W;
-  float* yp = y.data_ptr<float>();
-  const float* rp = res ? res->data_ptr<float>() : nullptr;
-  // Streamed stores write whole 64-byte lines: y's rows (channels_last: a pixel's channels, NCHW: a channel's
-  // pixels) must be whole multiples of them, from an aligned start.
-  const int64_t ld = a.cl ? a.Cout : P;
-  const bool stream = simd::kWideBytes == 64 && ld % 16 == 0 && (reinterpret_cast<uintptr_t>(yp) & 63) == 0 &&
-                      simd::should_stream(y.nbytes());
-  // Zero-padded to whole panels for the channels_last tiles' column loads; NCHW reads the first Cout.
   std::vector<float> b = bias_vec<float>(bias, a.Cout);
   b.resize(gemm::packed_numel(a.Cout, 1), 0.f);
-  if (!a.cl) {
-    const at::Tensor wc = w.contiguous();
-    gemm::run_nchw({x.data_ptr<float>(), wc.data_ptr<float>(), b.data(), rp, yp, a.g.N, a.g.C, a.Cout, P, stream},
-                   act);
-    return y;
-  }
-  const at::Tensor panels = gemm::cached_panels(w);
-  gemm::run({x.data_ptr<float>(), a.g.C, panels.data_ptr<float>(), b.data(), false, rp, yp, a.Cout, a.g.N * P, a.g.C,
-             a.Cout, stream, true},
-            act);
+  gemm::conv1x1(x, gemm::conv1x1_weight(w, a.cl), a.Cout, b.data(), res ? res->data_ptr<float>() : nullptr, nullptr,
+                act, a.cl, y, 0, a.g.N);
   return y;
 }
 

@@ -127,10 +127,12 @@ struct Args {
   int64_t M, K, N;
   bool stream;          // y written around the cache (AVX-512, ldy % 16 == 0, y 64-byte aligned)
   bool prefetch;        // x's and r's rows asked for one tile ahead (see tile): false where x is hot
-  // Optional: y's column sums are added here (packed_numel(N, 1) doubles, zero-padded columns included), so
-  // that a caller needing them does not read y again. The tiles add without synchronization: only for a run
-  // on one thread (inside a parallel region, where run()'s own parallel_for runs inline).
-  double* colsum = nullptr;
+  // Optional: the accumulators (bias included) are multiplied by a scale before the residual is added. Where
+  // bias_rows, one per row (scale[m]); else one per column for each group of scale_rows rows: rows
+  // [s scale_rows, (s + 1) scale_rows) take scale + s packed_numel(N, 1), zero-padded like the bias. A 1x1
+  // convolution over channels_last maps so applies a per-sample, per-channel gate (conv1x1_squeeze_excite).
+  const float* scale = nullptr;
+  int64_t scale_rows = 0;
 };
 
 // Floats per cache line.
@@ -189,31 +191,24 @@ inline void tile(const Args& g, int64_t m0, int64_t rows, int64_t p) {
     }
   }
   const bool whole = cols == NV * kL;
-  typename W::V sum[NV] = {};
   for (int i = 0; i < MR; ++i) {
     if (i >= rows) break;
     float* yr = g.y + (m0 + i) * g.ldy + n0;
     const float* rr = g.r ? g.r + (m0 + i) * g.ldy + n0 : nullptr;
+    const float* sr =
+        g.scale && !g.bias_rows ? g.scale + (m0 + i) / g.scale_rows * packed_numel(g.N, 1) + n0 : nullptr;
 #pragma GCC unroll 16
     for (int j = 0; j < NV; ++j) {
       const int64_t left = cols - j * kL;
       if (left <= 0) break;
       typename W::V z = acc[i][j];
+      if (sr) z *= W::load(sr + j * kL);
+      else if (g.scale) z *= W::splat(g.scale[m0 + i]);
       if (rr) z += left >= kL ? W::load(rr + j * kL) : load_part(rr + j * kL, left);
       z = chan::act_v<A, simd::kWideBytes>(z);
-      if (g.colsum) sum[j] += z;
       if (left < kL) store_part(yr + j * kL, z, left);
       else if (whole && g.stream) simd::store_vec<true, float, float, simd::kWideBytes>(yr + j * kL, z);
       else W::store(yr + j * kL, z);
-    }
-  }
-  if (g.colsum) {
-    // The tile's few rows are summed in fp32, the running sums kept in double.
-    for (int j = 0; j < NV && j * kL < cols; ++j) {
-      float t[kL];
-      W::store(t, sum[j]);
-      double* cs = g.colsum + n0 + j * kL;
-      for (int l = 0; l < kL; ++l) cs[l] += t[l];
     }
   }
 }
@@ -242,8 +237,6 @@ inline void panel_rows_any(const Args& g, int64_t m0, int64_t m1, int64_t p) {
 
 template <Act A>
 void run_act(const Args& g) {
-  TORCH_INTERNAL_ASSERT(!g.colsum || at::in_parallel_region() || at::get_num_threads() == 1,
-                        "gemm: column sums are for a run on one thread");
   const int64_t panels = (g.N + kNR - 1) / kNR;
   // The threads split the rows in units of the tile heights in use, not of whole chunks: Swin-T stage 4's
   // 392 rows in chunks of 72 gave the threads 216 and 176 rows (~10% of the layer lost waiting).
@@ -276,6 +269,7 @@ struct NchwArgs {
   float* y;           // (B, N, P)
   int64_t B, K, N, P;
   bool stream;        // as Args::stream, for P % 16 == 0
+  const float* scale = nullptr;  // optional, per sample and row: b's at scale + b packed_numel(N, 1)
 };
 
 template <Act A>
@@ -318,8 +312,9 @@ void run_nchw_act(const NchwArgs& a) {
         packed = pair;
       }
       const int64_t out = b * a.N * a.P + c0;
-      const Args g{a.w, a.K, buf.get(), a.bias, true, a.r ? a.r + out : nullptr, a.y + out, a.P, a.N, a.K, cols,
-                   a.stream, false};
+      Args g{a.w, a.K, buf.get(), a.bias, true, a.r ? a.r + out : nullptr, a.y + out, a.P, a.N, a.K, cols,
+             a.stream, false};
+      if (a.scale) g.scale = a.scale + b * packed_numel(a.N, 1);
       // The next pair's rows of x are scattered over K rows, which the hardware prefetcher does not follow:
       // they are asked for a share at a time between this unit's tiles, so that they arrive while this panel
       // is computed.
@@ -341,6 +336,37 @@ void run_nchw_act(const NchwArgs& a) {
 
 inline void run_nchw(const NchwArgs& a, Act act) {
   chan::dispatch_act(act, [&](auto ac) { run_nchw_act<decltype(ac)::value>(a); });
+}
+
+// A 1x1 convolution (stride 1, no padding, one group) of fp32 maps through the GEMMs above, for samples
+// [n0, n1): y = act(scale (w x + bias) + r), x (N, K, H, W), y and r (N, Cout, H, W), all dense in one layout
+// (cl: channels_last), w (Cout, K, 1, 1) as conv1x1_weight() gives it. bias: packed_numel(Cout, 1) floats,
+// zero-padded; r and scale may be null, scale is (N, packed_numel(Cout, 1)) floats, one per sample and output
+// channel, zero-padded. Inside a parallel region it runs on the calling thread.
+inline at::Tensor conv1x1_weight(const at::Tensor& w, bool cl) { return cl ? cached_panels(w) : w.contiguous(); }
+
+inline void conv1x1(const at::Tensor& x, const at::Tensor& wt, int64_t Cout, const float* bias, const float* r,
+                    const float* scale, Act act, bool cl, at::Tensor& y, int64_t n0, int64_t n1) {
+  const int64_t K = x.size(1), P = x.size(2) * x.size(3), in = n0 * K * P, out = n0 * Cout * P;
+  float* yp = y.data_ptr<float>();
+  // Streamed stores write whole 64-byte lines: y's rows (channels_last: a pixel's channels, NCHW: a channel's
+  // pixels) must be whole multiples of them, from an aligned start (then every sample's start is aligned too).
+  const int64_t ld = cl ? Cout : P;
+  const bool stream = simd::kWideBytes == 64 && ld % 16 == 0 && (reinterpret_cast<uintptr_t>(yp) & 63) == 0 &&
+                      simd::should_stream(y.nbytes());
+  const float* rs = r ? r + out : nullptr;
+  const float* ss = scale ? scale + n0 * packed_numel(Cout, 1) : nullptr;
+  if (!cl) {
+    NchwArgs a{x.data_ptr<float>() + in, wt.data_ptr<float>(), bias, rs, yp + out, n1 - n0, K, Cout, P, stream};
+    a.scale = ss;
+    run_nchw(a, act);
+    return;
+  }
+  Args a{x.data_ptr<float>() + in, K, wt.data_ptr<float>(), bias, false, rs, yp + out, Cout, (n1 - n0) * P, K, Cout,
+         stream, true};
+  a.scale = ss;
+  a.scale_rows = P;
+  run(a, act);
 }
 
 }  // namespace gemm

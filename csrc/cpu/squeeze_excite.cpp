@@ -13,9 +13,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <memory>
-
 #include "cpu/channel_attn.h"
 #include "cpu/gemm_kernels.h"
 #include "cpu/stream_store.h"
@@ -335,23 +332,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // conv1x1_squeeze_excite: out = out_act(y * gate(W2 act(W1 mean_hw(y) + b1) + b2) + residual), y = W x + b.
 //
 // Inside SE-ResNet-50 (batch 8, 2 threads) the separate conv and SE write y to memory and read it twice more:
-// the SE's tensors arrive from DRAM, and the SE took ~10% of the forward. Here each thread owns whole samples: it
-// runs the conv's GEMM (gemm_kernels.h) for one sample into a scratch map that stays in its cache, pools it,
-// runs that sample's MLP and writes out = scale(y) + residual, so y never leaves the cache and the op moves
-// what the conv alone with a fused residual would (x and residual in, out written).
+// the SE's tensors arrive from DRAM, and the SE took ~10% of the forward. The pooling commutes with the 1x1
+// conv, mean_hw(W x + b) = W mean_hw(x) + b, so the gate is known before y exists: x (a quarter of y's size in
+// a bottleneck) is pooled, the pooled y and the MLP follow for every sample, and then the conv's GEMM
+// (gemm_kernels.h) runs once with the gate applied in its epilogue, ahead of the residual and out_act. y is
+// never stored; the op moves what the conv with a fused residual would, plus one more read of x.
 //
 // That schedule serves fp32 with the GEMM's shapes (K <= gemm::kMaxK; NCHW also within kMaxNchwWeight and
-// more than one pixel), enough samples to keep every thread busy and a scratch map within the cache share.
-// Everything else runs the two CPU kernels in turn: fastops::conv_bias_act, then squeeze_excite.
-bool conv_se_fused(const at::Tensor& x, int64_t Cout, int64_t threads) {
-  const int64_t N = x.size(0), K = x.size(1), P = x.size(2) * x.size(3);
-  const bool cl = is_channels_last(x);
-  const bool shape_ok = K <= gemm::kMaxK && (cl || (P > 1 && K * Cout <= gemm::kMaxNchwWeight));
-  // Whole samples per thread: an uneven share (3 samples on 2 threads) idles a thread for a sample's time.
-  const bool balanced = N >= threads && (N % threads == 0 || N >= 4 * threads);
-  const int64_t scratch = Cout * P * static_cast<int64_t>(sizeof(float)) * threads;
-  return gemm::kEnabled && x.scalar_type() == at::kFloat && shape_ok && balanced &&
-         scratch <= 2 * simd::llc_share_bytes();
+// more than one pixel). Everything else runs the two CPU kernels in turn: fastops::conv_bias_act, then
+// squeeze_excite.
+bool conv_se_fused(const at::Tensor& x, int64_t Cout) {
+  const int64_t K = x.size(1), P = x.size(2) * x.size(3);
+  const bool shape_ok = K <= gemm::kMaxK && (is_channels_last(x) || (P > 1 && K * Cout <= gemm::kMaxNchwWeight));
+  return gemm::kEnabled && x.scalar_type() == at::kFloat && shape_ok;
 }
 
 std::tuple<at::Tensor, at::Tensor> conv1x1_squeeze_excite_cpu(
@@ -383,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_squeeze_excite_cpu(
                 op, ": residual must be (N, C, H, W) = ", out.sizes(), " with x's dtype, got ", residual->sizes());
     r = residual->contiguous(fmt);
   }
-  if (!conv_se_fused(x, C, at::get_num_threads())) {
+  if (!conv_se_fused(x, C)) {
     static const auto conv = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("fastops::conv_bias_act", "")
                                  .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
@@ -397,54 +390,52 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_squeeze_excite_cpu(
   const Act act = attn::parse_act(act_s, "act", {Act::kRelu, Act::kSilu, Act::kGelu});
   const Act gate = attn::parse_act(gate_s, "gate", {Act::kSigmoid, Act::kHardSigmoid});
   const Act out_act = attn::parse_act(out_act_s, "out_act", {Act::kNone, Act::kRelu});
-  const int64_t N = x.size(0), K = x.size(1), P = x.size(2) * x.size(3);
-  const SeGeom g1{1, C, P, fmt == at::MemoryFormat::ChannelsLast};
-  at::Tensor pooled = at::empty({N, C}, x.options());
-  // channels_last: the GEMM's packed panels of W, kept between calls for the weight tensor itself (a view of
-  // it would be a new tensor every call); NCHW: W's rows, read as they are.
-  const at::Tensor panels = g1.cl ? gemm::cached_panels(weight) : weight.contiguous();
-  std::vector<float> bv(gemm::packed_numel(C, 1), 0.f);  // zero-padded to whole panels, as the GEMM reads it
+  const int64_t N = x.size(0), K = x.size(1), P = x.size(2) * x.size(3), Cp = gemm::packed_numel(C, 1);
+  const SeGeom gx{1, K, P, fmt == at::MemoryFormat::ChannelsLast};
+  // x's means per sample and input channel; the threads share (sample, block of channels) units.
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (K + kBlock - 1) / kBlock;
+  std::vector<float> mx(N * K);
+  const float* px = x.data_ptr<float>();
+  at::parallel_for(0, N * blocks, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<attn::red_t> sums(kBlock);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t n = u / blocks, c0 = u % blocks * kBlock, c1 = std::min(K, c0 + kBlock);
+      const float* xs = px + n * K * P;
+      channel_sums<float>(
+          gx, c0, c1, sums.data(), [xs](int64_t o) { return simd::Vec<float>::load(xs + o); },
+          [xs](int64_t o) { return xs[o]; });
+      for (int64_t c = c0; c < c1; ++c) mx[n * K + c] = static_cast<float>(sums[c - c0] / P);
+    }
+  });
+  // pooled = W mean(x) + b for all samples, each row or panel of W read once for them.
+  const at::Tensor wt = gemm::conv1x1_weight(weight, gx.cl);
+  std::vector<float> bv(Cp, 0.f);  // zero-padded to whole panels, as the GEMM reads it
   if (b) {
     const at::Tensor bc = b->contiguous();
     std::copy(bc.data_ptr<float>(), bc.data_ptr<float>() + C, bv.begin());
   }
-  const attn::Mlp<float> mlp(fc1_w, fc1_b, fc2_w, fc2_b, float{});
-  const float *px = x.data_ptr<float>(), *pw = panels.data_ptr<float>();
-  const float* pr = r.defined() ? r.data_ptr<float>() : nullptr;
-  float *po = out.data_ptr<float>(), *pp = pooled.data_ptr<float>();
-  const int64_t sz = C * P;
-  auto run = [&](auto stream, auto relu) {
-    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-      // 64-byte aligned, so that the scale pass's loads do not split cache lines.
-      std::unique_ptr<float, decltype(&std::free)> scratch(
-          static_cast<float*>(std::aligned_alloc(64, sizeof(float) * ((sz + 15) / 16 * 16))), &std::free);
-      TORCH_CHECK(scratch, op, ": out of memory for a ", C, " x ", P, " scratch map");
-      float* y = scratch.get();
-      std::vector<float> z1(mlp.R), h(mlp.R), gt(C);
-      std::vector<attn::red_t> sums(bv.size());
-      for (int64_t n = n0; n < n1; ++n) {
-        // The GEMMs' own parallel_for runs inline here, on this thread (ATen does not nest parallel regions).
-        // channels_last: the GEMM's tiles sum y's columns (channels) as they store them; NCHW: one more pass
-        // over y, in cache.
-        if (g1.cl) {
-          std::fill(sums.begin(), sums.end(), 0.0);
-          gemm::Args a{px + n * K * P, K, pw, bv.data(), false, nullptr, y, C, P, K, C, false, true};
-          a.colsum = sums.data();
-          gemm::run(a, bnact::Act::kNone);
-        } else {
-          gemm::run_nchw({px + n * K * P, pw, bv.data(), nullptr, y, 1, K, C, P, false}, bnact::Act::kNone);
-          channel_sums<float>(
-              g1, 0, C, sums.data(), [y](int64_t o) { return simd::Vec<float>::load(y + o); },
-              [y](int64_t o) { return y[o]; });
-        }
-        for (int64_t c = 0; c < C; ++c) pp[n * C + c] = static_cast<float>(sums[c] / P);
-        mlp.forward(act, gate, 1, pp + n * C, z1.data(), h.data(), gt.data(), false);
-        scale<decltype(stream)::value, decltype(relu)::value>(g1, y, pr ? pr + n * sz : nullptr, gt.data(), 0,
-                                                               g1.cl ? P : C, po + n * sz);
-      }
+  at::Tensor pooled = at::empty({N, C}, x.options());
+  float* pp = pooled.data_ptr<float>();
+  if (gx.cl) {
+    // On the GEMM's own panels (the threads split them), which the conv then finds in the cache: with W's rows
+    // read here instead, the last stage's 4 MiB weight came from memory twice.
+    const gemm::Args pa{mx.data(), K, wt.data_ptr<float>(), bv.data(), false, nullptr, pp, C, N, K, C, false, false};
+    at::parallel_for(0, (C + gemm::kNR - 1) / gemm::kNR, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) gemm::panel_rows_any<bnact::Act::kNone>(pa, 0, N, p);
     });
-  };
-  with_flags(simd::should_stream(out.nbytes()), out_act == Act::kRelu, run);
+  } else {
+    attn::split_rows(true, C, K * N, [&](int64_t c0, int64_t c1) {
+      attn::linear_rows(N, C, K, mx.data(), wt.data_ptr<float>(), bv.data(), pp, c0, c1);
+    });
+  }
+  // The MLP for all samples, then the gates zero-padded per sample as the GEMM's epilogue reads them.
+  const attn::Mlp<float> mlp(fc1_w, fc1_b, fc2_w, fc2_b, float{});
+  std::vector<float> z1(N * mlp.R), h(N * mlp.R), gt(N * C), scale(N * Cp, 0.f);
+  mlp.forward(act, gate, N, pp, z1.data(), h.data(), gt.data(), true);
+  for (int64_t n = 0; n < N; ++n) std::copy(gt.begin() + n * C, gt.begin() + (n + 1) * C, scale.begin() + n * Cp);
+  gemm::conv1x1(x, wt, C, bv.data(), r.defined() ? r.data_ptr<float>() : nullptr, scale.data(),
+                out_act == Act::kRelu ? bnact::Act::kRelu : bnact::Act::kNone, gx.cl, out, 0, N);
   return {out, pooled};
 }
 

@@ -151,12 +151,13 @@ def conv1x1_squeeze_excite(
         + r)
 
     On the CPU backend, for fp32 maps whose convolution runs as fastops' GEMM (C_in <= 768; NCHW also
-    C_in * C <= 196608 and H * W > 1), with enough samples for every thread to own whole ones and the threads'
-    scratch maps (C H W floats each) within twice the cache share, each thread keeps ``y`` of its sample in its
-    cache: the convolution, the pooling, the MLP and the scale run there and only ``out`` is written, so the
-    SE adds almost no memory traffic to the convolution. Other inputs run the two CPU kernels in turn
-    (conv_bias_act, then squeeze_excite). There is no CUDA or Triton kernel: on CUDA tensors the reference
-    runs (``fastops info`` lists it); SE-ResNet's fused model calls conv_bias_act and squeeze_excite there.
+    C_in * C <= 196608 and H * W > 1), ``y`` is never stored: the pooling commutes with the 1x1 convolution,
+    :math:`\mathrm{mean}_{hw}(W x + b) = W\,\mathrm{mean}_{hw}(x) + b`, so x is pooled, the gate computed for
+    every sample, and the convolution's GEMM applies the gate, the residual and ``out_act`` to its accumulators
+    as it writes ``out``. The SE then adds one read of x (a quarter of y's size in a bottleneck) to the
+    convolution's traffic. Other inputs run the two CPU kernels in turn (conv_bias_act, then squeeze_excite).
+    There is no CUDA or Triton kernel: on CUDA tensors the reference runs (``fastops info`` lists it);
+    SE-ResNet's fused model calls conv_bias_act and squeeze_excite there.
 
     Args:
         x: (N, C_in, H, W), float16 / bfloat16 / float32 / float64, NCHW or channels_last.
