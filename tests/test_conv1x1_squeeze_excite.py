@@ -17,6 +17,8 @@ OP = "conv1x1_squeeze_excite"
 SHAPES = [
     (8, 16, 40, 7, 5, 4),    # C not a multiple of a vector
     (4, 8, 20, 16, 10, 3),   # a sample's x larger than the weights
+    (3, 100, 24, 1, 3, 4),   # C_in pooled in two blocks (64 + 36, a scalar tail); a GEMM tile spans samples
+    (2, 96, 40, 2, 2, 4),    # as above, with C = 40 a partial panel
     (4, 37, 53, 9, 3, 5),    # odd channels and map
     (3, 24, 32, 6, 6, 8),    # odd batch
     (1, 20, 70, 5, 5, 4),    # one sample: a GEMM tile's rows from a single sample, C past one panel

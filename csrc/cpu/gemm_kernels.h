@@ -1,7 +1,8 @@
 // fp32 GEMM with a fused epilogue, for 1x1 convolutions (stride 1, no padding, groups 1) over channels_last
 // maps, and so for the Linear layers that linear_act passes as such:
 //
-//   y[m, n] = act(sum_k x[m, k] w[n, k] + bias[n] + r[m, n]),  x (M, K), w (N, K), r and y (M, N), row-major;
+//   y[m, n] = act(sum_k x[m, k] w[n, k] + bias[n] + r[m, n]),  x (M, K), w (N, K), r and y (M, N), row-major,
+//   optionally with the sum and the bias multiplied by a scale first (Args::scale);
 //
 // and over NCHW maps (run_nchw, at the end), where the same tiles run with the roles of x and w swapped.
 //
@@ -237,6 +238,7 @@ inline void panel_rows_any(const Args& g, int64_t m0, int64_t m1, int64_t p) {
 
 template <Act A>
 void run_act(const Args& g) {
+  TORCH_INTERNAL_ASSERT(!g.scale || g.bias_rows || g.scale_rows > 0, "gemm: per-column scales need scale_rows");
   const int64_t panels = (g.N + kNR - 1) / kNR;
   // The threads split the rows in units of the tile heights in use, not of whole chunks: Swin-T stage 4's
   // 392 rows in chunks of 72 gave the threads 216 and 176 rows (~10% of the layer lost waiting).
@@ -256,7 +258,8 @@ inline void run(const Args& g, Act act) {
   chan::dispatch_act(act, [&](auto ac) { run_act<decltype(ac)::value>(g); });
 }
 
-// NCHW maps: per sample b, y_b (N, P) = act(w (N, K) x_b (K, P) + bias + r_b) over the P = H W pixels.
+// NCHW maps: per sample b, y_b (N, P) = act(s_b (w (N, K) x_b (K, P) + bias) + r_b) over the P = H W pixels,
+// s_b a scale per row where NchwArgs::scale is set, else 1.
 // Here the weight's rows are the tile rows (broadcast) and the pixels the columns: a unit of work copies one
 // panel of up to kNR pixels of x_b ([K][nv kL], zero-padded) into a per-thread buffer, which stays in L2 while the
 // weight's rows pass over it in tiles, with the bias per row. Nothing of x is packed between calls, so no
@@ -338,13 +341,15 @@ inline void run_nchw(const NchwArgs& a, Act act) {
   chan::dispatch_act(act, [&](auto ac) { run_nchw_act<decltype(ac)::value>(a); });
 }
 
-// A 1x1 convolution (stride 1, no padding, one group) of fp32 maps through the GEMMs above, for samples
-// [n0, n1): y = act(scale (w x + bias) + r), x (N, K, H, W), y and r (N, Cout, H, W), all dense in one layout
-// (cl: channels_last), w (Cout, K, 1, 1) as conv1x1_weight() gives it. bias: packed_numel(Cout, 1) floats,
-// zero-padded; r and scale may be null, scale is (N, packed_numel(Cout, 1)) floats, one per sample and output
-// channel, zero-padded. Inside a parallel region it runs on the calling thread.
+// The weight of a 1x1 convolution (Cout, K, 1, 1) as conv1x1() reads it: packed panels for channels_last maps
+// (cached between calls), its rows for NCHW ones.
 inline at::Tensor conv1x1_weight(const at::Tensor& w, bool cl) { return cl ? cached_panels(w) : w.contiguous(); }
 
+// A 1x1 convolution (stride 1, no padding, one group) of fp32 maps through the GEMMs above, for samples
+// [n0, n1): y = act(scale (w x + bias) + r), x (N, K, H, W), y and r (N, Cout, H, W), all dense in one layout
+// (cl: channels_last), wt = conv1x1_weight(w, cl). bias: packed_numel(Cout, 1) floats, zero-padded; r and scale
+// may be null, scale is (N, packed_numel(Cout, 1)) floats, one per sample and output channel, zero-padded. Inside
+// a parallel region it runs on the calling thread.
 inline void conv1x1(const at::Tensor& x, const at::Tensor& wt, int64_t Cout, const float* bias, const float* r,
                     const float* scale, Act act, bool cl, at::Tensor& y, int64_t n0, int64_t n1) {
   const int64_t K = x.size(1), P = x.size(2) * x.size(3), in = n0 * K * P, out = n0 * Cout * P;

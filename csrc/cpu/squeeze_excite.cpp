@@ -53,11 +53,12 @@ void channel_sums(const SeGeom& g, int64_t c0, int64_t c1, attn::red_t* acc, Vec
     return;
   }
   // channels_last. A range of up to 64 channels (conv1x1_squeeze_excite's units) is summed over blocks of up to
-  // 64 pixels in registers, a few vectors of channels at a time (two partial sums each), then added into the
-  // double sums; the block (<= 32 KiB) stays in L1 while the register blocks pass over it. Adding into the double
-  // sums in memory every four pixels, as a wider range does below, read x at ~14 GB/s on a 2-core EPYC, the
-  // register sums at ~35 GB/s, its copy bandwidth. Over a wider range (squeeze_excite's whole rows) the
-  // register blocks walk columns of many rows at once, which measured slower than the row-by-row loop.
+  // 64 pixels, a few vectors of channels at a time with their sums in registers: eight pixels added in T (two
+  // partial sums), then into double sums, like the four-pixel groups above. The block (<= 32 KiB) stays in L1
+  // while the register blocks pass over it. Adding into double sums in memory every four pixels, as a wider
+  // range does below, read x at ~14 GB/s on a 2-core EPYC, the register sums at ~35 GB/s, its copy bandwidth.
+  // Over a wider range (squeeze_excite's whole rows) the register blocks walk columns of many rows at once,
+  // which measured slower than the row-by-row loop.
   for (int64_t c = c0; c < c1; ++c) acc[c - c0] = 0;
   if (c1 - c0 > 64) {
     int64_t q = 0;
@@ -83,29 +84,34 @@ void channel_sums(const SeGeom& g, int64_t c0, int64_t c1, attn::red_t* acc, Vec
   constexpr int64_t q_block = 64;
   auto block = [&](auto nv, int64_t c, int64_t q0, int64_t q1) {
     constexpr int NV = decltype(nv)::value;
-    typename F::V s0[NV], s1[NV];
-    for (int j = 0; j < NV; ++j) s0[j] = s1[j] = F::splat(0);
-    int64_t q = q0;
-    for (; q + 2 <= q1; q += 2)
-      for (int j = 0; j < NV; ++j) {
-        s0[j] += vec(q * g.C + c + j * F::N);
-        s1[j] += vec((q + 1) * g.C + c + j * F::N);
-      }
-    if (q < q1)
-      for (int j = 0; j < NV; ++j) s0[j] += vec(q * g.C + c + j * F::N);
+    typename D::V lo[NV], hi[NV];
     for (int j = 0; j < NV; ++j) {
-      attn::red_t* a = acc + c - c0 + j * F::N;
-      typename D::V lo = D::load(a), hi = D::splat(0);
-      if constexpr (F::N != D::N) hi = D::load(a + D::N);
-      add(lo, hi, s0[j] + s1[j]);
-      D::store(a, lo);
-      if constexpr (F::N != D::N) D::store(a + D::N, hi);
+      lo[j] = D::load(acc + c - c0 + j * F::N);
+      hi[j] = F::N != D::N ? D::load(acc + c - c0 + j * F::N + D::N) : D::splat(0);
+    }
+    for (int64_t p0 = q0; p0 < q1; p0 += 8) {
+      const int64_t p1 = std::min(q1, p0 + 8);
+      typename F::V s0[NV], s1[NV];
+      for (int j = 0; j < NV; ++j) s0[j] = s1[j] = F::splat(0);
+      int64_t q = p0;
+      for (; q + 2 <= p1; q += 2)
+        for (int j = 0; j < NV; ++j) {
+          s0[j] += vec(q * g.C + c + j * F::N);
+          s1[j] += vec((q + 1) * g.C + c + j * F::N);
+        }
+      if (q < p1)
+        for (int j = 0; j < NV; ++j) s0[j] += vec(q * g.C + c + j * F::N);
+      for (int j = 0; j < NV; ++j) add(lo[j], hi[j], s0[j] + s1[j]);
+    }
+    for (int j = 0; j < NV; ++j) {
+      D::store(acc + c - c0 + j * F::N, lo[j]);
+      if constexpr (F::N != D::N) D::store(acc + c - c0 + j * F::N + D::N, hi[j]);
     }
   };
   for (int64_t q0 = 0; q0 < g.HW; q0 += q_block) {
     const int64_t q1 = std::min(g.HW, q0 + q_block);
     int64_t c = c0;
-    for (; c + 4 * F::N <= c1; c += 4 * F::N) block(std::integral_constant<int, 4>{}, c, q0, q1);
+    for (; c + 2 * F::N <= c1; c += 2 * F::N) block(std::integral_constant<int, 2>{}, c, q0, q1);
     for (; c + F::N <= c1; c += F::N) block(std::integral_constant<int, 1>{}, c, q0, q1);
     for (; c < c1; ++c) {
       T t = 0;
@@ -434,15 +440,17 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_squeeze_excite_cpu(
   const Act out_act = attn::parse_act(out_act_s, "out_act", {Act::kNone, Act::kRelu});
   const int64_t N = x.size(0), K = x.size(1), P = x.size(2) * x.size(3), Cp = gemm::packed_numel(C, 1);
   const SeGeom gx{1, K, P, fmt == at::MemoryFormat::ChannelsLast};
-  // x's means per sample and input channel; the threads share (sample, block of channels) units.
-  constexpr int64_t kBlock = 64;
-  const int64_t blocks = (K + kBlock - 1) / kBlock;
+  // x's means per sample and input channel; the threads share (sample, block of channels) units, of 64
+  // channels, or fewer (whole vectors) where there would be too few units for the threads (batch 1).
+  const int64_t per = (K * N + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t block = std::clamp<int64_t>(per / simd::Vec<float>::N * simd::Vec<float>::N, simd::Vec<float>::N, 64);
+  const int64_t blocks = (K + block - 1) / block;
   std::vector<float> mx(N * K);
   const float* px = x.data_ptr<float>();
   at::parallel_for(0, N * blocks, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<attn::red_t> sums(kBlock);
+    std::vector<attn::red_t> sums(block);
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t n = u / blocks, c0 = u % blocks * kBlock, c1 = std::min(K, c0 + kBlock);
+      const int64_t n = u / blocks, c0 = u % blocks * block, c1 = std::min(K, c0 + block);
       const float* xs = px + n * K * P;
       channel_sums<float>(
           gx, c0, c1, sums.data(), [xs](int64_t o) { return simd::Vec<float>::load(xs + o); },
@@ -473,10 +481,10 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_squeeze_excite_cpu(
   }
   // The MLP for all samples, then the gates zero-padded per sample as the GEMM's epilogue reads them.
   const attn::Mlp<float> mlp(fc1_w, fc1_b, fc2_w, fc2_b, float{});
-  std::vector<float> z1(N * mlp.R), h(N * mlp.R), gt(N * C), scale(N * Cp, 0.f);
+  std::vector<float> z1(N * mlp.R), h(N * mlp.R), gt(N * C), gates(N * Cp, 0.f);
   mlp.forward(act, gate, N, pp, z1.data(), h.data(), gt.data(), true);
-  for (int64_t n = 0; n < N; ++n) std::copy(gt.begin() + n * C, gt.begin() + (n + 1) * C, scale.begin() + n * Cp);
-  gemm::conv1x1(x, wt, C, bv.data(), r.defined() ? r.data_ptr<float>() : nullptr, scale.data(),
+  for (int64_t n = 0; n < N; ++n) std::copy(gt.begin() + n * C, gt.begin() + (n + 1) * C, gates.begin() + n * Cp);
+  gemm::conv1x1(x, wt, C, bv.data(), r.defined() ? r.data_ptr<float>() : nullptr, gates.data(),
                 out_act == Act::kRelu ? bnact::Act::kRelu : bnact::Act::kNone, gx.cl, out, 0, N);
   return {out, pooled};
 }
