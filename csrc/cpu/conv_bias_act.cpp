@@ -178,7 +178,7 @@ at::Tensor gemm_conv_act(const at::Tensor& x, const at::Tensor& w, const at::Ten
   std::vector<float> b = bias_vec<float>(bias, a.Cout);
   b.resize(gemm::packed_numel(a.Cout, 1), 0.f);
   gemm::conv1x1(x, gemm::conv1x1_weight(w, a.cl), a.Cout, b.data(), res ? res->data_ptr<float>() : nullptr, nullptr,
-                act, a.cl, y, 0, a.g.N);
+                act, a.cl, y);
   return y;
 }
 

@@ -345,31 +345,27 @@ inline void run_nchw(const NchwArgs& a, Act act) {
 // (cached between calls), its rows for NCHW ones.
 inline at::Tensor conv1x1_weight(const at::Tensor& w, bool cl) { return cl ? cached_panels(w) : w.contiguous(); }
 
-// A 1x1 convolution (stride 1, no padding, one group) of fp32 maps through the GEMMs above, for samples
-// [n0, n1): y = act(scale (w x + bias) + r), x (N, K, H, W), y and r (N, Cout, H, W), all dense in one layout
-// (cl: channels_last), wt = conv1x1_weight(w, cl). bias: packed_numel(Cout, 1) floats, zero-padded; r and scale
-// may be null, scale is (N, packed_numel(Cout, 1)) floats, one per sample and output channel, zero-padded. Inside
-// a parallel region it runs on the calling thread.
+// A 1x1 convolution (stride 1, no padding, one group) of fp32 maps through the GEMMs above:
+// y = act(scale (w x + bias) + r), x (N, K, H, W), y and r (N, Cout, H, W), all dense in one layout (cl:
+// channels_last), wt = conv1x1_weight(w, cl). bias: packed_numel(Cout, 1) floats, zero-padded; r and scale may
+// be null, scale is (N, packed_numel(Cout, 1)) floats, one per sample and output channel, zero-padded.
 inline void conv1x1(const at::Tensor& x, const at::Tensor& wt, int64_t Cout, const float* bias, const float* r,
-                    const float* scale, Act act, bool cl, at::Tensor& y, int64_t n0, int64_t n1) {
-  const int64_t K = x.size(1), P = x.size(2) * x.size(3), in = n0 * K * P, out = n0 * Cout * P;
+                    const float* scale, Act act, bool cl, at::Tensor& y) {
+  const int64_t N = x.size(0), K = x.size(1), P = x.size(2) * x.size(3);
   float* yp = y.data_ptr<float>();
   // Streamed stores write whole 64-byte lines: y's rows (channels_last: a pixel's channels, NCHW: a channel's
-  // pixels) must be whole multiples of them, from an aligned start (then every sample's start is aligned too).
+  // pixels) must be whole multiples of them, from an aligned start.
   const int64_t ld = cl ? Cout : P;
   const bool stream = simd::kWideBytes == 64 && ld % 16 == 0 && (reinterpret_cast<uintptr_t>(yp) & 63) == 0 &&
                       simd::should_stream(y.nbytes());
-  const float* rs = r ? r + out : nullptr;
-  const float* ss = scale ? scale + n0 * packed_numel(Cout, 1) : nullptr;
   if (!cl) {
-    NchwArgs a{x.data_ptr<float>() + in, wt.data_ptr<float>(), bias, rs, yp + out, n1 - n0, K, Cout, P, stream};
-    a.scale = ss;
+    NchwArgs a{x.data_ptr<float>(), wt.data_ptr<float>(), bias, r, yp, N, K, Cout, P, stream};
+    a.scale = scale;
     run_nchw(a, act);
     return;
   }
-  Args a{x.data_ptr<float>() + in, K, wt.data_ptr<float>(), bias, false, rs, yp + out, Cout, (n1 - n0) * P, K, Cout,
-         stream, true};
-  a.scale = ss;
+  Args a{x.data_ptr<float>(), K, wt.data_ptr<float>(), bias, false, r, yp, Cout, N * P, K, Cout, stream, true};
+  a.scale = scale;
   a.scale_rows = P;
   run(a, act);
 }

@@ -485,7 +485,7 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_squeeze_excite_cpu(
   mlp.forward(act, gate, N, pp, z1.data(), h.data(), gt.data(), true);
   for (int64_t n = 0; n < N; ++n) std::copy(gt.begin() + n * C, gt.begin() + (n + 1) * C, gates.begin() + n * Cp);
   gemm::conv1x1(x, wt, C, bv.data(), r.defined() ? r.data_ptr<float>() : nullptr, gates.data(),
-                out_act == Act::kRelu ? bnact::Act::kRelu : bnact::Act::kNone, gx.cl, out, 0, N);
+                out_act == Act::kRelu ? bnact::Act::kRelu : bnact::Act::kNone, gx.cl, out);
   return {out, pooled};
 }
 
