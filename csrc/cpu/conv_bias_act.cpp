@@ -175,8 +175,7 @@ bool use_gemm(const at::Tensor& x, const ConvArgs& a, int64_t groups) {
 at::Tensor gemm_conv_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, const at::Tensor* res,
                          Act act, const ConvArgs& a) {
   at::Tensor y = at::empty({a.g.N, a.Cout, a.g.OH, a.g.OW}, x.options().memory_format(a.fmt));
-  std::vector<float> b = bias_vec<float>(bias, a.Cout);
-  b.resize(gemm::packed_numel(a.Cout, 1), 0.f);
+  const std::vector<float> b = gemm::padded_bias(bias, a.Cout);
   gemm::conv1x1(x, gemm::conv1x1_weight(w, a.cl), a.Cout, b.data(), res ? res->data_ptr<float>() : nullptr, nullptr,
                 act, a.cl, y);
   return y;

@@ -29,6 +29,7 @@
 #include <cstring>
 #include <memory>
 #include <numeric>
+#include <vector>
 
 #include "cpu/depthwise_kernels.h"
 #include "cpu/packed_weights.h"
@@ -102,6 +103,16 @@ inline at::Tensor cached_panels(const at::Tensor& w) {
   // No input size in the key (the panels do not depend on it), but the weight's geometry: a `.data` swap
   // can change it under the same data pointer and version.
   return PackedWeights::get().find_or_make(w, {kConvGemmKey, w.size(0), w.size(1), w.stride(0), w.stride(1)}, make);
+}
+
+// A per-column bias as the tiles read it: packed_numel(N, 1) floats, zero-padded (all zeros without a bias).
+inline std::vector<float> padded_bias(const at::Tensor* bias, int64_t N) {
+  std::vector<float> v(packed_numel(N, 1), 0.f);
+  if (bias) {
+    const at::Tensor f = bias->to(at::kFloat).contiguous();
+    std::copy(f.data_ptr<float>(), f.data_ptr<float>() + N, v.begin());
+  }
+  return v;
 }
 
 // The first n (< kL) floats at p as a vector, zeros after; and its inverse for stores.

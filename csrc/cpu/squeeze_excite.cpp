@@ -460,11 +460,7 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_squeeze_excite_cpu(
   });
   // pooled = W mean(x) + b for all samples, each row or panel of W read once for them.
   const at::Tensor wt = gemm::conv1x1_weight(weight, gx.cl);
-  std::vector<float> bv(Cp, 0.f);  // zero-padded to whole panels, as the GEMM reads it
-  if (b) {
-    const at::Tensor bc = b->contiguous();
-    std::copy(bc.data_ptr<float>(), bc.data_ptr<float>() + C, bv.begin());
-  }
+  const std::vector<float> bv = gemm::padded_bias(b, C);
   at::Tensor pooled = at::empty({N, C}, x.options());
   float* pp = pooled.data_ptr<float>();
   if (gx.cl) {
