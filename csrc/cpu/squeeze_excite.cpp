@@ -52,36 +52,13 @@ void channel_sums(const SeGeom& g, int64_t c0, int64_t c1, attn::red_t* acc, Vec
     }
     return;
   }
-  // channels_last. A range of up to 64 channels (conv1x1_squeeze_excite's units) is summed over blocks of up to
-  // 64 pixels, a few vectors of channels at a time with their sums in registers: eight pixels added in T (two
-  // partial sums), then into double sums, like the four-pixel groups above. The block (<= 32 KiB) stays in L1
-  // while the register blocks pass over it. Adding into double sums in memory every four pixels, as a wider
-  // range does below, read x at ~14 GB/s on a 2-core EPYC, the register sums at ~35 GB/s, its copy bandwidth.
-  // Over a wider range (squeeze_excite's whole rows) the register blocks walk columns of many rows at once,
-  // which measured slower than the row-by-row loop.
+  // channels_last: blocks of pixels, a few vectors of channels at a time with their sums in registers: eight
+  // pixels added in T (two partial sums), then into double sums, like the four-pixel groups above. A block
+  // holds up to 32 KiB of x (64 pixels of a 64-channel range, conv1x1_squeeze_excite's units; down to 8
+  // pixels of wider rows) and stays in L1 while the register blocks pass over it. On a 2-core EPYC this read
+  // x at 18-28 GB/s from memory where adding into double sums in memory every four pixels read 14-19 GB/s.
   for (int64_t c = c0; c < c1; ++c) acc[c - c0] = 0;
-  if (c1 - c0 > 64) {
-    int64_t q = 0;
-    for (; q + 4 <= g.HW; q += 4) {
-      const int64_t o0 = q * g.C, o1 = o0 + g.C, o2 = o1 + g.C, o3 = o2 + g.C;
-      int64_t c = c0;
-      for (; c + F::N <= c1; c += F::N) {
-        const typename F::V f = (vec(o0 + c) + vec(o1 + c)) + (vec(o2 + c) + vec(o3 + c));
-        attn::red_t* a = acc + c - c0;
-        typename D::V lo = D::load(a), hi = D::splat(0);
-        if constexpr (F::N != D::N) hi = D::load(a + D::N);
-        add(lo, hi, f);
-        D::store(a, lo);
-        if constexpr (F::N != D::N) D::store(a + D::N, hi);
-      }
-      for (; c < c1; ++c)
-        acc[c - c0] += static_cast<attn::red_t>((one(o0 + c) + one(o1 + c)) + (one(o2 + c) + one(o3 + c)));
-    }
-    for (; q < g.HW; ++q)
-      for (int64_t c = c0; c < c1; ++c) acc[c - c0] += static_cast<attn::red_t>(one(q * g.C + c));
-    return;
-  }
-  constexpr int64_t q_block = 64;
+  const int64_t q_block = std::clamp<int64_t>(8192 / (c1 - c0) / 8 * 8, 8, 64);
   auto block = [&](auto nv, int64_t c, int64_t q0, int64_t q1) {
     constexpr int NV = decltype(nv)::value;
     typename D::V lo[NV], hi[NV];
