@@ -211,6 +211,13 @@ void depthwise_forward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   });
 }
 
+// The dilation ATen and oneDNN get: 1 along a kernel dimension of size 1, where it has no effect. oneDNN's fused
+// convolution (torch 2.14, oneDNN 3.12) crashed on a 1x1 kernel with dilation 2 over a 1-pixel-wide input with
+// stride 2 and padding 1; with dilation 1 the same convolution runs.
+std::vector<int64_t> effective_dilation(const ConvArgs& a) {
+  return {a.g.KH == 1 ? 1 : a.g.DH, a.g.KW == 1 ? 1 : a.g.DW};
+}
+
 at::Tensor conv_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_opt,
                              const c10::optional<at::Tensor>& residual, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -219,6 +226,7 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight, c
   const Act act = bnact::parse_act(std::string(act_name), op);
   const at::Tensor *bias = opt(bias_opt), *r = opt(residual);
   const ConvArgs a = convbn::check_conv(op, x_in, weight, bias, stride, padding, dilation, groups, convbn::Dev::kCpu);
+  const std::vector<int64_t> dil = effective_dilation(a);
   const at::Tensor x = x_in.contiguous(a.fmt);
   at::Tensor res;
   if (r) {
@@ -237,7 +245,7 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight, c
   if (use_gemm(x, a, groups)) return gemm_conv_act(x, weight, bias, r ? &res : nullptr, act, a);
   if (use_onednn(x, weight, padding, a) && x.numel() > 0) {
     at::Tensor y =
-        onednn_conv_act(x, weight, bias, r ? &res : nullptr, act, stride, padding, dilation, groups).contiguous(a.fmt);
+        onednn_conv_act(x, weight, bias, r ? &res : nullptr, act, stride, padding, dil, groups).contiguous(a.fmt);
     if (r && act != Act::kNone && act != Act::kRelu) {
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_bias_act_cpu_act", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -249,7 +257,7 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight, c
     }
     return y;
   }
-  const at::Tensor yc = aten_conv(x, weight, a, stride, padding, dilation, groups);
+  const at::Tensor yc = aten_conv(x, weight, a, stride, padding, dil, groups);
   const bool same = yc.scalar_type() == x.scalar_type();
   if (same && (yc.numel() == 0 || (!bias && !r && act == Act::kNone))) return yc;
   // In place for fp32 / fp64; half / bf16 round the fp32 convolution here.
@@ -263,6 +271,44 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight, c
                                              ones.data(), b.data());
   });
   return y;
+}
+
+// grad_x and grad_weight of the dense convolution, from dz, by at::convolution_backward, around two of its
+// defects in torch 2.14 (oneDNN 3.12) on channels_last inputs: half / bf16 weight gradients came out as
+// garbage (up to 1e38, inf) for a 3-wide kernel over a 1-pixel-wide map at stride 2, so those dtypes go
+// through fp32 (also the accumulation type of the rest of the op); a 1x1 kernel at stride 2 corrupted the heap
+// with two threads (8 x 10 maps, 5 or 8 channels), so a strided 1x1 convolution is run as the unstrided one
+// of the pixels it reads, whose grad_x is scattered back into zeros.
+std::tuple<at::Tensor, at::Tensor> aten_conv_backward(const at::Tensor& dz_in, const at::Tensor& x_in,
+                                                      const at::Tensor& w_in, const ConvArgs& a,
+                                                      c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                                      c10::IntArrayRef dilation, int64_t groups) {
+  const auto type = x_in.scalar_type();
+  const bool low = type == at::kHalf || type == at::kBFloat16;
+  const at::Tensor dz = low ? dz_in.to(at::kFloat) : dz_in, x = low ? x_in.to(at::kFloat) : x_in;
+  const at::Tensor w = low ? w_in.to(at::kFloat) : w_in;
+  const bool strided_1x1 = a.g.KH == 1 && a.g.KW == 1 && (a.g.SH > 1 || a.g.SW > 1);
+  std::vector<int64_t> pad;
+  at::Tensor xp = strided_1x1 ? at::constant_pad_nd(x, {padding[1], padding[3], padding[0], padding[2]}, 0)
+                              : pad_for_aten(x, padding, pad);
+  at::Tensor gx, gw;
+  if (strided_1x1) {
+    const at::Tensor xs = xp.slice(2, 0, a.g.OH * a.g.SH, a.g.SH).slice(3, 0, a.g.OW * a.g.SW, a.g.SW).contiguous(a.fmt);
+    auto grads = at::convolution_backward(dz, xs, w, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, groups,
+                                          {true, true, false});
+    gx = at::zeros_like(xp, xp.options(), a.fmt);
+    gx.slice(2, 0, a.g.OH * a.g.SH, a.g.SH).slice(3, 0, a.g.OW * a.g.SW, a.g.SW).copy_(std::get<0>(grads));
+    gw = std::get<1>(grads);
+    pad = {0, 0};
+  } else {
+    auto grads = at::convolution_backward(dz, xp, w, c10::nullopt, stride, pad, dilation, false, {0, 0}, groups,
+                                          {true, true, false});
+    gx = std::get<0>(grads);
+    gw = std::get<1>(grads);
+  }
+  if (strided_1x1 || !symmetric(padding))
+    gx = gx.slice(2, padding[0], padding[0] + a.g.H).slice(3, padding[1], padding[1] + a.g.W);
+  return {gx.to(type).contiguous(a.fmt), gw.to(type).contiguous()};
 }
 
 // dz = grad_out * act'(.) in the output's layout, and sum dz per channel into gsum (double).
@@ -315,6 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backwar
   const Act act = bnact::parse_act(std::string(act_name), op);
   const at::Tensor *bias = opt(bias_opt), *r = opt(residual);
   const ConvArgs a = convbn::check_conv(op, x_in, weight, bias, stride, padding, dilation, groups, convbn::Dev::kCpu);
+  const std::vector<int64_t> dil = effective_dilation(a);
   const at::Tensor x = x_in.contiguous(a.fmt);
   check_like_out(op, "grad_out", grad_out, x, a);
   const at::Tensor go = grad_out.contiguous(a.fmt);
@@ -331,18 +378,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backwar
   }
   const at::Tensor w = weight.contiguous();
   const bool depthwise = a.depthwise;
-  // The pre-activation for silu / gelu / hardswish (depthwise: with the bias already in).
+  // The pre-activation for silu / gelu / hardswish (depthwise: with the bias already in), in the accumulation
+  // type: rounded to half / bf16, a value just inside hardswish's kink at +-3 could land on it and take the
+  // derivative of the other side.
   std::vector<double> bias_d(a.Cout, 0.0);
   if (!from_out) {
     if (depthwise) {
-      src = at::empty({a.g.N, a.Cout, a.g.OH, a.g.OW}, x.options().memory_format(a.fmt));
+      const bool low = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+      const at::Tensor xz = low ? x.to(at::kFloat) : x, wz = low ? w.to(at::kFloat) : w;
+      src = at::empty({a.g.N, a.Cout, a.g.OH, a.g.OW}, xz.options().memory_format(a.fmt));
       if (src.numel() > 0) {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_bias_act_bwd_dw_z", [&] {
-          depthwise_forward<scalar_t>(x, w, bias, nullptr, Act::kNone, false, src, a);
+        AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "conv_bias_act_bwd_dw_z", [&] {
+          depthwise_forward<scalar_t>(xz, wz, bias, nullptr, Act::kNone, false, src, a);
         });
       }
     } else {
-      src = aten_conv(x, w, a, stride, padding, dilation, groups);
+      src = aten_conv(x, w, a, stride, padding, dil, groups);
       bias_d = bias_vec<double>(bias, a.Cout);
     }
   }
@@ -379,15 +430,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backwar
       });
     }
   } else {
-    std::vector<int64_t> pad;
-    const at::Tensor xp = pad_for_aten(x, padding, pad);
-    auto grads = at::convolution_backward(dz, xp, w, c10::nullopt, stride, pad, dilation, false, {0, 0}, groups,
-                                          {true, true, false});
-    gx = std::get<0>(grads);
-    gw = std::get<1>(grads).contiguous();
-    if (!symmetric(padding))
-      gx = gx.slice(2, padding[0], padding[0] + a.g.H).slice(3, padding[1], padding[1] + a.g.W);
-    gx = gx.contiguous(a.fmt);
+    std::tie(gx, gw) = aten_conv_backward(dz, x, w, a, stride, padding, dil, groups);
   }
   const bool f64 = x.scalar_type() == at::kDouble;
   at::Tensor gb = at::empty({bias ? a.Cout : 0}, x.options().dtype(f64 ? at::kDouble : at::kFloat));
