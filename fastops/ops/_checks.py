@@ -65,15 +65,20 @@ def same_device_dtype(op: str, ref_name: str, ref: torch.Tensor, name: str, t: t
         raise TypeError(f"fastops.{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; expected the same")
 
 
-def pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
+# Upper bound of a convolution's stride, padding and dilation: the kernels' int64 offsets and buffer sizes
+# (a padded plane, its phases) stay far from overflowing, where 2**61 overflowed them.
+MAX_CONV_ARG = 1 << 20
+
+
+def pair(op: str, name: str, v, minimum: int, maximum: int = 1 << 62) -> Tuple[int, int]:
     # Fast path for the usual int / tuple / list of ints (the generic check below, with typing.Sequence, cost
     # a few microseconds a call, comparable to a small layer's kernel).
     t = type(v)
     if t is int:
-        if v >= minimum:
+        if minimum <= v <= maximum:
             return v, v
     elif (t is tuple or t is list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
-        if v[0] >= minimum and v[1] >= minimum:
+        if minimum <= v[0] <= maximum and minimum <= v[1] <= maximum:
             return v[0], v[1]
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v)
@@ -82,6 +87,8 @@ def pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
         raise TypeError(f"fastops.{op}: {name} must be an int or a pair of ints, got {v!r}")
     if min(v) < minimum:
         raise ValueError(f"fastops.{op}: {name} must be >= {minimum}, got {tuple(v)}")
+    if max(v) > maximum:
+        raise ValueError(f"fastops.{op}: {name} must be <= {maximum}, got {tuple(v)}")
     return int(v[0]), int(v[1])
 
 
@@ -122,7 +129,7 @@ def conv_padding(op: str, padding, kh: int, kw: int, stride, dilation):
             th, tw = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
             return [th // 2, tw // 2, th - th // 2, tw - tw // 2]
         raise ValueError(f"fastops.{op}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-    ph, pw = pair(op, "padding", padding, 0)
+    ph, pw = pair(op, "padding", padding, 0, MAX_CONV_ARG)
     return [ph, pw, ph, pw]
 
 

@@ -29,8 +29,8 @@ def _conv_args(op, x, weight, stride, padding, dilation, groups):
     if weight.shape[1] != cin // groups:
         raise ValueError(f"fastops.{op}: weight must have shape (C_out, C_in / groups, kh, kw) = "
                          f"({cout}, {cin // groups}, kh, kw), got {tuple(weight.shape)}")
-    stride = _checks.pair(op, "stride", stride, 1)
-    dilation = _checks.pair(op, "dilation", dilation, 1)
+    stride = _checks.pair(op, "stride", stride, 1, _checks.MAX_CONV_ARG)
+    dilation = _checks.pair(op, "dilation", dilation, 1, _checks.MAX_CONV_ARG)
     kh, kw = _checks.kernel_size(op, "weight", weight)
     pad = _checks.conv_padding(op, padding, kh, kw, stride, dilation)
     _checks.dilated_kernel_fits(op, x, kh, kw, pad, dilation)

@@ -65,8 +65,8 @@ def depthwise_conv2d(
         if bias.shape[0] != C:
             raise ValueError(f"fastops.{OP}: bias must have shape (C,) = ({C},), got {tuple(bias.shape)}")
         _checks.same_device_dtype(OP, "x", x, "bias", bias)
-    stride = _checks.pair(OP, "stride", stride, 1)
-    dilation = _checks.pair(OP, "dilation", dilation, 1)
+    stride = _checks.pair(OP, "stride", stride, 1, _checks.MAX_CONV_ARG)
+    dilation = _checks.pair(OP, "dilation", dilation, 1, _checks.MAX_CONV_ARG)
     pad = _padding4(padding, kh, kw, stride, dilation)
     _checks.dilated_kernel_fits(OP, x, kh, kw, pad, dilation)
     stride, dilation = list(stride), list(dilation)
