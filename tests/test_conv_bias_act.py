@@ -212,6 +212,61 @@ def test_cpu_random_shapes(n, ci, co, h, w, k, s, dw, act, res, training, cl):
     _check_all("cpu", case, torch.float32, "cpu", training, "channels_last" if cl else "contiguous")
 
 
+# Shapes on which torch 2.14's oneDNN convolutions misbehave (channels_last): the fused forward crashed on a 1x1
+# kernel with dilation 2 over a 1-pixel-wide map; the backward of a 1x1 stride-2 convolution corrupted the heap
+# with two threads; the bf16 weight gradient of a 1x3 kernel over a 1-pixel-wide map at stride 2 was garbage.
+# Each runs in a subprocess, so that a crash fails the test instead of ending the run.
+_ONEDNN_DEFECTS = """
+import sys, torch, torch.nn.functional as F, fastops
+torch.set_num_threads(2)
+torch.manual_seed(0)
+cases = [
+    ((1, 3, 4, 1), (4, 3, 1, 1), True, (1, 2), (0, 1), 2, torch.float32),
+    ((3, 5, 8, 10), (5, 5, 1, 1), False, 2, 0, 1, torch.float32),
+    ((3, 8, 8, 10), (8, 8, 1, 1), True, 2, 1, 1, torch.float32),
+    ((1, 3, 4, 1), (3, 3, 1, 3), False, (1, 2), (0, 1), 1, torch.bfloat16),
+    ((3, 5, 8, 10), (5, 5, 1, 1), False, 2, 0, 1, torch.bfloat16),
+]
+for xs, ws, bias, s, p, d, dt in cases:
+    for _ in range(4):
+        x = torch.randn(xs).to(dt).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = (torch.randn(ws) * 0.3).to(dt).requires_grad_()
+        b = torch.randn(ws[0]) if bias else None
+        with fastops.use_backend("cpu"):
+            y = fastops.conv_bias_act(x, w, b, stride=s, padding=p, dilation=d)
+        go = torch.randn_like(y)
+        gx, gw = torch.autograd.grad(y, (x, w), go)
+        xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        yd = F.conv2d(xd, wd, None if b is None else b.double(), s, p, d)
+        rx, rw = torch.autograd.grad(yd, (xd, wd), go.double())
+        tol = 1e-5 if dt == torch.float32 else 2e-2
+        for name, got, want in (("out", y, yd), ("grad_x", gx, rx), ("grad_w", gw, rw)):
+            err = (got.double() - want).abs().max().item() / max(want.abs().max().item(), 1.0)
+            assert err <= tol, (xs, ws, dt, name, err)
+print("ok")
+"""
+
+
+def test_cpu_onednn_defect_shapes():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _ONEDNN_DEFECTS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.returncode, out.stdout, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_depthwise_hardswish_grad_near_kink(dtype):
+    # z = x w + b = 2.9996 in fp32 rounds to 3.0 in half / bf16: hardswish'(z) must be (2z + 3) / 6 = 1.4999,
+    # not the 1 of z >= 3.
+    x = torch.ones(1, 2, 3, 3, dtype=dtype, requires_grad=True)
+    w = torch.ones(2, 1, 1, 1, dtype=dtype)
+    b = torch.full((2,), 1.9996)
+    with backends.use_backend("cpu"):
+        y = fastops.conv_bias_act(x, w, b, groups=2, act="hardswish")
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.allclose(gx.float(), torch.full_like(gx.float(), (2 * 2.9996 + 3) / 6), atol=1e-2)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_cpu_thread_counts(threads):
     with cpu_threads(threads):
@@ -661,6 +716,7 @@ def _with(i, value):
     (_with(6, None), {}, ValueError, "running_mean and running_var are required"),
     (None, dict(groups=3), ValueError, "groups=3 must divide"),
     (None, dict(stride=0), ValueError, "stride must be >= 1"),
+    (None, dict(padding=2**61), ValueError, "padding must be <= 1048576"),
     (None, dict(padding="full"), ValueError, "padding must be an int, a pair, 'same' or 'valid'"),
     (None, dict(padding="same", stride=2), ValueError, "padding='same' needs stride 1"),
     (None, dict(act="tanh"), ValueError, "act must be one of"),

@@ -356,6 +356,9 @@ def test_bad_inputs(mutate, exc, match):
     (dict(stride=(1, 2, 3)), TypeError, "stride must be an int or a pair"),
     (dict(dilation=0), ValueError, "dilation must be >= 1"),
     (dict(padding=-1), ValueError, "padding must be >= 0"),
+    (dict(padding=2**61), ValueError, "padding must be <= 1048576"),
+    (dict(stride=(1, 2**20 + 1)), ValueError, "stride must be <= 1048576"),
+    (dict(dilation=2**40), ValueError, "dilation must be <= 1048576"),
     (dict(padding="full"), ValueError, "padding must be an int, a pair, 'same' or 'valid'"),
     (dict(padding="same", stride=2), ValueError, "padding='same' needs stride 1"),
 ])
