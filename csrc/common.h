@@ -1,6 +1,8 @@
 // Shared helpers for fastops kernels (CPU and CUDA).
 #pragma once
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/util/ArrayRef.h>
@@ -44,6 +46,11 @@ inline Conv2dGeom make_conv2d_geom(const at::Tensor& input, const at::Tensor& we
   TORCH_CHECK(g.SH > 0 && g.SW > 0, "fastops: stride must be positive, got ", stride);
   TORCH_CHECK(g.DH > 0 && g.DW > 0, "fastops: dilation must be positive, got ", dilation);
   TORCH_CHECK(g.PT >= 0 && g.PL >= 0 && g.PB >= 0 && g.PR >= 0, "fastops: padding must be >= 0, got ", padding);
+  // The Python fronts' MAX_CONV_ARG: the kernels' offsets and scratch sizes stay far from overflowing int64.
+  constexpr int64_t kMaxArg = int64_t(1) << 20;
+  TORCH_CHECK(std::max({g.SH, g.SW, g.DH, g.DW, g.PT, g.PL, g.PB, g.PR}) <= kMaxArg,
+              "fastops: stride, padding and dilation must be <= ", kMaxArg, ", got stride ", stride, ", padding ",
+              padding, ", dilation ", dilation);
   const int64_t eff_h = g.DH * (g.KH - 1) + 1, eff_w = g.DW * (g.KW - 1) + 1;
   TORCH_CHECK(g.H + g.PT + g.PB >= eff_h && g.W + g.PL + g.PR >= eff_w,
               "fastops: the dilated kernel (", eff_h, "x", eff_w, ") is larger than the padded input (",
