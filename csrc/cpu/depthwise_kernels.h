@@ -593,6 +593,21 @@ struct NoPost {
 };
 
 template <typename scalar_t, typename Post = NoPost>
+void forward_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b, at::Tensor& y, const Conv2dGeom& g,
+                  const Post& post = Post());
+template <typename scalar_t>
+void backward_nhwc(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::Tensor& gi, at::Tensor& gw,
+                   at::Tensor& gb, const Conv2dGeom& g);
+
+// Each of the SW column phases of a phase plane is padded to whole tiles, and its rows to whole tile rows SH
+// apart: at large strides or paddings (stride 1000 on a 5x6 plane: ~380 MB a thread) the plane is mostly
+// zeros. Such convolutions go through the channels_last loops, which need no padded copy, on channels_last
+// copies of the tensors.
+inline bool phase_plane_oversized(const Conv2dGeom& g) {
+  return PhasePlane(g).size() > 4 * g.H * g.W + (int64_t(1) << 16);
+}
+
+template <typename scalar_t, typename Post = NoPost>
 void forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b, at::Tensor& y, const Conv2dGeom& g,
                   const Post& post = Post()) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -605,6 +620,13 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   if (forward_nchw_rows(xp, wp, bp, yp, g, post) || forward_nchw_pixels16(xp, wp, bp, yp, g, post)) return;
+  if (phase_plane_oversized(g)) {
+    at::Tensor yc = at::empty_like(y, y.options(), at::MemoryFormat::ChannelsLast);
+    forward_nhwc<scalar_t>(x.contiguous(at::MemoryFormat::ChannelsLast), w, b, yc, g);
+    y.copy_(yc);
+    for (int64_t plane = 0; plane < g.N * g.C; ++plane) post(plane);
+    return;
+  }
 
   // The plane loops: a phase-split copy of each plane and register tiles.
   const PhasePlane pp(g);
@@ -722,9 +744,9 @@ at::Tensor weights_khkw_c(const at::Tensor& w) {
   return w.reshape({w.size(0), w.size(2) * w.size(3)}).t().contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
 }
 
-template <typename scalar_t, typename Post = NoPost>
+template <typename scalar_t, typename Post>
 void forward_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b, at::Tensor& y, const Conv2dGeom& g,
-                  const Post& post = Post()) {
+                  const Post& post) {
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor wt = weights_khkw_c<acc_t>(w);
   const acc_t* wp = wt.data_ptr<acc_t>();
@@ -968,6 +990,13 @@ template <typename scalar_t>
 void backward_nchw(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::Tensor& gi, at::Tensor& gw,
                    at::Tensor& gb, const Conv2dGeom& g) {
   if (backward_nchw_pixels16<scalar_t>(go, x, w, gi, gw, gb, g)) return;
+  if (phase_plane_oversized(g)) {
+    const auto cl = at::MemoryFormat::ChannelsLast;
+    at::Tensor gic = at::empty_like(gi, gi.options(), cl);
+    backward_nhwc<scalar_t>(go.contiguous(cl), x.contiguous(cl), w, gic, gw, gb, g);
+    gi.copy_(gic);
+    return;
+  }
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor wf = w.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
   const acc_t* wp = wf.data_ptr<acc_t>();
