@@ -274,11 +274,11 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight, c
 }
 
 // grad_x and grad_weight of the dense convolution, from dz, by at::convolution_backward, around two of its
-// defects in torch 2.14 (oneDNN 3.12) on channels_last inputs: half / bf16 weight gradients came out as
-// garbage (up to 1e38, inf) for a 3-wide kernel over a 1-pixel-wide map at stride 2, so those dtypes go
+// defects in torch 2.14 (oneDNN 3.12), both seen on channels_last inputs: half / bf16 weight gradients came
+// out as garbage (up to 1e38, inf) for a 1x3 kernel over a 1-pixel-wide map at stride 2, so those dtypes go
 // through fp32 (also the accumulation type of the rest of the op); a 1x1 kernel at stride 2 corrupted the heap
-// with two threads (8 x 10 maps, 5 or 8 channels), so a strided 1x1 convolution is run as the unstrided one
-// of the pixels it reads, whose grad_x is scattered back into zeros.
+// with two threads (8 x 10 maps, 5 or 8 channels), so a strided channels_last 1x1 convolution is run as the
+// unstrided one of the pixels it reads, whose grad_x is scattered back into zeros.
 std::tuple<at::Tensor, at::Tensor> aten_conv_backward(const at::Tensor& dz_in, const at::Tensor& x_in,
                                                       const at::Tensor& w_in, const ConvArgs& a,
                                                       c10::IntArrayRef stride, c10::IntArrayRef padding,
@@ -287,27 +287,29 @@ std::tuple<at::Tensor, at::Tensor> aten_conv_backward(const at::Tensor& dz_in, c
   const bool low = type == at::kHalf || type == at::kBFloat16;
   const at::Tensor dz = low ? dz_in.to(at::kFloat) : dz_in, x = low ? x_in.to(at::kFloat) : x_in;
   const at::Tensor w = low ? w_in.to(at::kFloat) : w_in;
-  const bool strided_1x1 = a.g.KH == 1 && a.g.KW == 1 && (a.g.SH > 1 || a.g.SW > 1);
-  std::vector<int64_t> pad;
-  at::Tensor xp = strided_1x1 ? at::constant_pad_nd(x, {padding[1], padding[3], padding[0], padding[2]}, 0)
-                              : pad_for_aten(x, padding, pad);
   at::Tensor gx, gw;
-  if (strided_1x1) {
-    const at::Tensor xs = xp.slice(2, 0, a.g.OH * a.g.SH, a.g.SH).slice(3, 0, a.g.OW * a.g.SW, a.g.SW).contiguous(a.fmt);
-    auto grads = at::convolution_backward(dz, xs, w, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, groups,
-                                          {true, true, false});
+  if (a.cl && a.g.KH == 1 && a.g.KW == 1 && (a.g.SH > 1 || a.g.SW > 1)) {
+    const bool padded = padding[0] || padding[1] || padding[2] || padding[3];
+    const at::Tensor xp = padded ? at::constant_pad_nd(x, {padding[1], padding[3], padding[0], padding[2]}, 0) : x;
+    auto taps = [&](const at::Tensor& t) {
+      return t.slice(2, 0, a.g.OH * a.g.SH, a.g.SH).slice(3, 0, a.g.OW * a.g.SW, a.g.SW);
+    };
+    auto grads = at::convolution_backward(dz, taps(xp).contiguous(a.fmt), w, c10::nullopt, {1, 1}, {0, 0}, {1, 1},
+                                          false, {0, 0}, groups, {true, true, false});
     gx = at::zeros_like(xp, xp.options(), a.fmt);
-    gx.slice(2, 0, a.g.OH * a.g.SH, a.g.SH).slice(3, 0, a.g.OW * a.g.SW, a.g.SW).copy_(std::get<0>(grads));
+    taps(gx).copy_(std::get<0>(grads));
     gw = std::get<1>(grads);
-    pad = {0, 0};
+    if (padded) gx = gx.slice(2, padding[0], padding[0] + a.g.H).slice(3, padding[1], padding[1] + a.g.W);
   } else {
+    std::vector<int64_t> pad;
+    const at::Tensor xp = pad_for_aten(x, padding, pad);
     auto grads = at::convolution_backward(dz, xp, w, c10::nullopt, stride, pad, dilation, false, {0, 0}, groups,
                                           {true, true, false});
     gx = std::get<0>(grads);
     gw = std::get<1>(grads);
+    if (!symmetric(padding))
+      gx = gx.slice(2, padding[0], padding[0] + a.g.H).slice(3, padding[1], padding[1] + a.g.W);
   }
-  if (strided_1x1 || !symmetric(padding))
-    gx = gx.slice(2, padding[0], padding[0] + a.g.H).slice(3, padding[1], padding[1] + a.g.W);
   return {gx.to(type).contiguous(a.fmt), gw.to(type).contiguous()};
 }
 
@@ -380,7 +382,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backwar
   const bool depthwise = a.depthwise;
   // The pre-activation for silu / gelu / hardswish (depthwise: with the bias already in), in the accumulation
   // type: rounded to half / bf16, a value just inside hardswish's kink at +-3 could land on it and take the
-  // derivative of the other side.
+  // derivative of the other side. (The half / bf16 depthwise forward applies the activation to the rounded
+  // value, as F.conv2d followed by the activation in that dtype does; the gradient is the one of the exact z.)
   std::vector<double> bias_d(a.Cout, 0.0);
   if (!from_out) {
     if (depthwise) {
