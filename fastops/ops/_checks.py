@@ -70,15 +70,15 @@ def same_device_dtype(op: str, ref_name: str, ref: torch.Tensor, name: str, t: t
 MAX_CONV_ARG = 1 << 20
 
 
-def pair(op: str, name: str, v, minimum: int, maximum: int = 1 << 62) -> Tuple[int, int]:
+def pair(op: str, name: str, v, minimum: int, maximum: Optional[int] = None) -> Tuple[int, int]:
     # Fast path for the usual int / tuple / list of ints (the generic check below, with typing.Sequence, cost
     # a few microseconds a call, comparable to a small layer's kernel).
     t = type(v)
     if t is int:
-        if minimum <= v <= maximum:
+        if v >= minimum and (maximum is None or v <= maximum):
             return v, v
     elif (t is tuple or t is list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
-        if minimum <= v[0] <= maximum and minimum <= v[1] <= maximum:
+        if min(v) >= minimum and (maximum is None or max(v) <= maximum):
             return v[0], v[1]
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v)
@@ -87,7 +87,7 @@ def pair(op: str, name: str, v, minimum: int, maximum: int = 1 << 62) -> Tuple[i
         raise TypeError(f"fastops.{op}: {name} must be an int or a pair of ints, got {v!r}")
     if min(v) < minimum:
         raise ValueError(f"fastops.{op}: {name} must be >= {minimum}, got {tuple(v)}")
-    if max(v) > maximum:
+    if maximum is not None and max(v) > maximum:
         raise ValueError(f"fastops.{op}: {name} must be <= {maximum}, got {tuple(v)}")
     return int(v[0]), int(v[1])
 
