@@ -254,6 +254,41 @@ def test_cpu_onednn_defect_shapes():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.returncode, out.stdout, out.stderr[-2000:])
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("groups, stride, padding", [(1, (2, 3), 0), (2, 2, (1, 0)), (4, (1, 2), 1)])
+def test_cpu_strided_1x1_backward(groups, stride, padding, layout):
+    # The strided channels_last 1x1 backward runs as the unstrided convolution of the pixels it reads.
+    case = (2, 8, 12, 9, 10, 1, 1, 0, 1, groups, "silu", True, True)
+    tensors, _, _ = _case(case, torch.float32)
+    x, w, cb = make_layout(tensors[0], layout), tensors[1], tensors[2]
+    oh, ow = F.conv2d(x, w, None, stride, padding, 1, groups).shape[2:]
+    r = torch.randn(2, 12, oh, ow)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, cb, r)]
+    want = F.silu(F.conv2d(leaves[0], leaves[1], leaves[2], stride, padding, 1, groups) + leaves[3])
+    go = torch.randn_like(want)
+    grads_want = torch.autograd.grad(want, leaves, go)
+    got_leaves = [t.detach().requires_grad_() for t in (x, w, cb, r)]
+    with backends.use_backend("cpu"):
+        got = fastops.conv_bias_act(got_leaves[0], got_leaves[1], got_leaves[2], stride=stride, padding=padding,
+                                    groups=groups, act="silu", residual=got_leaves[3])
+    grads_got = torch.autograd.grad(got, got_leaves, go.float())
+    assert_close(got, want, torch.float32, "output")
+    for name, g, gw in zip(("grad_x", "grad_weight", "grad_bias", "grad_residual"), grads_got, grads_want):
+        assert_close(g, gw, torch.float32, name)
+
+
+def test_conv_args_at_the_bound_are_accepted():
+    x, w = torch.randn(1, 2, 3, 3), torch.randn(2, 1, 1, 1)
+    for fn in (fastops.conv_bias_act, fastops.depthwise_conv2d):
+        kw = dict(groups=2) if fn is fastops.conv_bias_act else {}
+        y = fn(x, w, None, stride=2**20, padding=0, dilation=2**20, **kw)
+        assert y.shape == (1, 2, 1, 1)
+        with pytest.raises(ValueError, match="dilation must be <= 1048576"):
+            fn(x, w, None, dilation=2**20 + 1, **kw)
+    with pytest.raises(RuntimeError, match="must be <= 1048576"):
+        torch.ops.fastops.depthwise_conv2d(x, w, None, [1, 1], [2**61, 0, 0, 0], [1, 1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cpu_depthwise_hardswish_grad_near_kink(dtype):
     # z = x w + b = 2.9996 in fp32 rounds to 3.0 in half / bf16: hardswish'(z) must be (2z + 3) / 6 = 1.4999,

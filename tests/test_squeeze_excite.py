@@ -91,6 +91,15 @@ def test_cpu_backend(dtype, layout, shape, cfg):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton interpreter is off (a GPU is present: see the gpu tests)")
+# channels_last pooling blocks of a few pixels: over 1024 channels (8-pixel blocks), and a channel count that
+# is not a whole number of vectors over several blocks (264 channels: 24-pixel blocks over 49 pixels).
+@pytest.mark.parametrize("cfg", CONFIGS[:2], ids=_cfg_id)
+@pytest.mark.parametrize("shape", [(2, 1100, 5, 7, 8), (2, 264, 7, 7, 8)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_channels_last_pixel_blocks(dtype, shape, cfg):
+    _check_all("cpu", shape, dtype, "channels_last", cfg, "cpu")
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], (1, 40, 6, 5, 8)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
